@@ -1,0 +1,35 @@
+# Everything runs inside .venv, created on first use. torch is pinned to the CPU wheel this
+# machine class carries (an unpinned torch would pull a multi-GB CUDA build).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(STAMP)
+
+# The main job on the embedded tiny checkpoint: build it, then check the JAX port against the
+# torch reference and print the parity table (exit 1 on a parity failure).
+demo: $(STAMP)
+	rm -rf demo
+	$(BIN)/mistral-tiny demo/official
+	$(BIN)/mistral-verify --reference demo/official
+
+test: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache .ruff_cache

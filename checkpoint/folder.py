@@ -1,0 +1,86 @@
+"""Open a checkpoint folder (official or converted) as `ModelArgs` + a validated tensor table.
+
+Official: `params.json` + exactly one of `consolidated.00.pth` / `consolidated.safetensors`.
+Converted: `params.json` + `model.safetensors.index.json` + the shards it names.
+Nothing here reads tensor data: records say where the bytes lie, `TensorRecord.array()` maps them.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+from checkpoint.args import ModelArgs
+from checkpoint.errors import CheckpointError
+from checkpoint.pth import read_pth_table
+from checkpoint.safetensors_file import read_safetensors_table
+from checkpoint.spec import check_against_spec, tensor_spec
+from checkpoint.tensors import TensorRecord
+
+PTH_NAME = "consolidated.00.pth"
+SAFETENSORS_NAME = "consolidated.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointFolder:
+    path: Path
+    args: ModelArgs
+    tensors: dict[str, TensorRecord]  # in spec order
+    weights: tuple[Path, ...]  # the weight files the tensors come from
+
+
+def official_weights_file(folder: Path) -> Path:
+    """The one consolidated weights file of an official folder."""
+    found = [folder / n for n in (PTH_NAME, SAFETENSORS_NAME) if (folder / n).exists()]
+    if len(found) != 1:
+        which = "both" if found else "neither"
+        raise CheckpointError(
+            folder, f"expected exactly one of {PTH_NAME} and {SAFETENSORS_NAME}, found {which}"
+        )
+    return found[0]
+
+
+def open_folder(folder: str | Path) -> CheckpointFolder:
+    """Read params.json and the tensor table, strict on keys and shapes."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(folder, "not a directory")
+    args = ModelArgs.from_json(folder / "params.json")
+    if (folder / INDEX_NAME).exists():
+        tensors, weights = read_sharded_table(folder / INDEX_NAME)
+        blame = folder / INDEX_NAME
+    else:
+        blame = official_weights_file(folder)
+        reader = read_pth_table if blame.suffix == ".pth" else read_safetensors_table
+        tensors, weights = reader(blame), (blame,)
+    raise_spec_problems(blame, {k: r.shape for k, r in tensors.items()}, args)
+    return CheckpointFolder(folder, args, {k: tensors[k] for k in tensor_spec(args)}, weights)
+
+
+def raise_spec_problems(path: Path, shapes: dict[str, tuple[int, ...]], args: ModelArgs) -> None:
+    """CheckpointError naming the first problem (and how many more) if shapes miss the spec."""
+    problems = check_against_spec(shapes, args)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise CheckpointError(path, problems[0] + more)
+
+
+def read_sharded_table(index_path: Path) -> tuple[dict[str, TensorRecord], tuple[Path, ...]]:
+    """Records of every tensor named by a HF-style index; each must sit in its named shard."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(index_path, f"not a valid safetensors index ({err})") from None
+    shards = tuple(index_path.parent / s for s in dict.fromkeys(weight_map.values()))
+    tensors: dict[str, TensorRecord] = {}
+    for shard in shards:
+        for name, record in read_safetensors_table(shard).items():
+            if weight_map.get(name) != shard.name:
+                raise CheckpointError(shard, f"tensor {name} is not mapped to this shard")
+            tensors[name] = record
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise CheckpointError(index_path, f"tensor {missing[0]} is not in its shard")
+    return tensors, shards

@@ -1,0 +1,1 @@
+"""convert package (commands grow in later issues)."""

@@ -1,0 +1,228 @@
+"""The Mistral transformer in Equinox — mirrors `reference_torch/model.py` class for class,
+with the same parameter names, so the checkpoint key map is the identity.
+
+The blocks are stored stacked (every leaf of `Transformer.layers` has a leading `layers` axis)
+and run with `lax.scan`, so the compiled program does not grow with depth. Numerics follow the
+reference op for op: fp32 RMSNorm / RoPE / softmax / SiLU, bf16 products rounded where torch
+rounds them, fp32 logits.
+"""
+
+from collections.abc import Callable
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jaxtyping import Array, Bool, Float, Int
+
+from checkpoint.args import ModelArgs
+from model_jax.cache import KVCache, write_slots
+from model_jax.rope import apply_rotary, rotary_angles
+
+HIGHEST = lax.Precision.HIGHEST  # fp32 matmuls stay fp32 on GPU/TPU (no TF32)
+Getter = Callable[[str], Array]  # checkpoint name → array
+
+
+class Linear(eqx.Module):
+    weight: Float[Array, "*layers out in"]  # torch layout; `layers` axis when stacked
+
+    def __call__(self, x: Float[Array, "seq in"]) -> Float[Array, "seq out"]:
+        return jnp.matmul(x, self.weight.T, precision=HIGHEST)
+
+
+class Embedding(eqx.Module):
+    weight: Float[Array, "vocab dim"]
+
+    def __call__(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq dim"]:
+        return self.weight[tokens]
+
+
+class RMSNorm(eqx.Module):
+    weight: Float[Array, "*layers dim"]
+    eps: float = eqx.field(static=True)
+
+    def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
+        xf = x.astype(jnp.float32)
+        normed = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return normed.astype(x.dtype) * self.weight
+
+
+def attention_mask(
+    q_pos: Int[Array, " q"], k_pos: Int[Array, " k"], window: int | None
+) -> Bool[Array, "q k"]:
+    """Key visible iff it is filled, causal, and fewer than W positions back."""
+    q, k = q_pos[:, None], k_pos[None, :]
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible &= q - k < window
+    return visible
+
+
+class Attention(eqx.Module):
+    wq: Linear
+    wk: Linear
+    wv: Linear
+    wo: Linear
+    n_heads: int = eqx.field(static=True)
+    n_kv_heads: int = eqx.field(static=True)
+    head_dim: int = eqx.field(static=True)
+    sliding_window: int | None = eqx.field(static=True)
+
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        cos: Float[Array, "seq half"],
+        sin: Float[Array, "seq half"],
+        positions: Int[Array, " seq"],
+        cached: tuple[Array, Array, Array] | None = None,
+    ) -> tuple[
+        Float[Array, "seq dim"],
+        Float[Array, "seq kv_heads head_dim"],
+        Float[Array, "seq kv_heads head_dim"],
+    ]:
+        """Output, and this chunk's rotated keys and values (for the cache)."""
+        T, rep = x.shape[0], self.n_heads // self.n_kv_heads
+        xq = apply_rotary(self.wq(x).reshape(T, self.n_heads, self.head_dim), cos, sin)
+        xk = apply_rotary(self.wk(x).reshape(T, self.n_kv_heads, self.head_dim), cos, sin)
+        xv = self.wv(x).reshape(T, self.n_kv_heads, self.head_dim)
+
+        keys, values, key_pos = xk, xv, positions
+        if cached is not None:
+            cache_k, cache_v, cache_pos = cached
+            keys = jnp.concatenate([cache_k, xk])
+            values = jnp.concatenate([cache_v, xv])
+            key_pos = jnp.concatenate([cache_pos, positions])
+
+        # Query head h reads kv head h // rep, as the reference's repeat_interleave.
+        q = xq.reshape(T, self.n_kv_heads, rep, self.head_dim)
+        scores = jnp.einsum("tgrd,sgd->grts", q, keys, precision=HIGHEST)
+        # The reference multiplies bf16 scores by a Python float: fp32 product, one rounding.
+        scores = (scores.astype(jnp.float32) * self.head_dim**-0.5).astype(x.dtype)
+        visible = attention_mask(positions, key_pos, self.sliding_window)
+        scores = jnp.where(visible, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("grts,sgd->tgrd", probs, values, precision=HIGHEST)
+        return self.wo(out.reshape(T, -1)), xk, xv
+
+
+class FeedForward(eqx.Module):
+    w1: Linear
+    w2: Linear
+    w3: Linear
+
+    def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
+        gate = jax.nn.silu(self.w1(x).astype(jnp.float32)).astype(x.dtype)
+        return self.w2(gate * self.w3(x))
+
+
+class TransformerBlock(eqx.Module):
+    attention: Attention
+    feed_forward: FeedForward
+    attention_norm: RMSNorm
+    ffn_norm: RMSNorm
+
+    def __call__(self, x, cos, sin, positions, cached=None):
+        """(seq, dim) → (seq, dim), plus the chunk's keys and values for the cache."""
+        attn, xk, xv = self.attention(self.attention_norm(x), cos, sin, positions, cached)
+        h = x + attn
+        return h + self.feed_forward(self.ffn_norm(h)), xk, xv
+
+    @classmethod
+    def load(cls, args: ModelArgs, get: Getter, prefix: str) -> "TransformerBlock":
+        """Build from checkpoint names `{prefix}attention.wq.weight`, …"""
+
+        def linear(name: str) -> Linear:
+            return Linear(get(f"{prefix}{name}.weight"))
+
+        return cls(
+            attention=Attention(
+                linear("attention.wq"),
+                linear("attention.wk"),
+                linear("attention.wv"),
+                linear("attention.wo"),
+                args.n_heads,
+                args.n_kv_heads,
+                args.head_dim,
+                args.sliding_window,
+            ),
+            feed_forward=FeedForward(
+                linear("feed_forward.w1"), linear("feed_forward.w2"), linear("feed_forward.w3")
+            ),
+            attention_norm=RMSNorm(get(f"{prefix}attention_norm.weight"), args.norm_eps),
+            ffn_norm=RMSNorm(get(f"{prefix}ffn_norm.weight"), args.norm_eps),
+        )
+
+
+class Transformer(eqx.Module):
+    tok_embeddings: Embedding
+    layers: TransformerBlock  # every leaf stacked over a leading `layers` axis
+    norm: RMSNorm
+    output: Linear
+    args: ModelArgs = eqx.field(static=True)
+
+    @classmethod
+    def load(cls, args: ModelArgs, get: Getter) -> "Transformer":
+        """Build from a getter; `get("layers.<name>")` must return the block tensors stacked."""
+        if args.moe is not None:
+            raise NotImplementedError("mixture-of-experts models are not supported yet")
+        return cls(
+            tok_embeddings=Embedding(get("tok_embeddings.weight")),
+            layers=TransformerBlock.load(args, get, "layers."),
+            norm=RMSNorm(get("norm.weight"), args.norm_eps),
+            output=Linear(get("output.weight")),
+            args=args,
+        )
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.tok_embeddings.weight.dtype
+
+    def __call__(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq vocab"]:
+        """fp32 logits for positions 0..T-1 (batch with `jax.vmap`)."""
+        return _forward_jit(self, tokens, jnp.arange(tokens.shape[0]), None)[0]
+
+    def forward_hidden(
+        self, tokens: Int[Array, " seq"]
+    ) -> tuple[Float[Array, "seq vocab"], Float[Array, "layers_plus_2 seq dim"]]:
+        """Logits and every hidden state: embeddings, after each block, after the final norm."""
+        logits, hidden, _ = _forward_jit(self, tokens, jnp.arange(tokens.shape[0]), None)
+        return logits, hidden
+
+    def step(
+        self, tokens: Int[Array, " chunk"], positions: Int[Array, " chunk"], cache: KVCache
+    ) -> tuple[Float[Array, "chunk vocab"], KVCache]:
+        """Run a chunk (prefill or decode) after what `cache` holds; positions -1 are padding."""
+        logits, _, cache = _forward_jit(self, tokens, positions, cache)
+        return logits, cache
+
+
+def _forward(
+    model: Transformer,
+    tokens: Int[Array, " seq"],
+    positions: Int[Array, " seq"],
+    cache: KVCache | None,
+) -> tuple[Float[Array, "seq vocab"], Float[Array, "layers_plus_2 seq dim"], KVCache | None]:
+    args = model.args
+    cos, sin = rotary_angles(positions, args.head_dim, args.rope_theta)
+    layer_params, layer_static = eqx.partition(model.layers, eqx.is_array)
+
+    def run_block(h, xs):
+        block = eqx.combine(xs[0], layer_static)
+        cached = None if cache is None else (xs[1], xs[2], cache.positions)
+        h, xk, xv = block(h, cos, sin, positions, cached)
+        if cache is None:
+            return h, (h,)
+        return h, (h, write_slots(xs[1], xk, positions), write_slots(xs[2], xv, positions))
+
+    h0 = model.tok_embeddings(tokens)
+    xs = (layer_params,) if cache is None else (layer_params, cache.k, cache.v)
+    h, ys = lax.scan(run_block, h0, xs)
+    h = model.norm(h)
+    hidden = jnp.concatenate([h0[None], ys[0], h[None]])
+    logits = model.output(h).astype(jnp.float32)
+    if cache is not None:
+        cache = KVCache(ys[1], ys[2], write_slots(cache.positions, positions, positions))
+    return logits, hidden, cache
+
+
+_forward_jit = eqx.filter_jit(_forward)

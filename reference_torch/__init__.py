@@ -1,0 +1,6 @@
+"""Faithful torch port of the official Mistral reference (the ground truth for parity)."""
+
+from reference_torch.cache import RollingKVCache
+from reference_torch.model import Transformer
+
+__all__ = ["RollingKVCache", "Transformer"]

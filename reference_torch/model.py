@@ -1,0 +1,156 @@
+"""A faithful torch port of the official Mistral reference.
+
+Mirrors mistral-src `one_file_ref.py` and mistral-inference `transformer.py` class for class:
+fp32 RMSNorm, interleaved-pair RoPE in fp32, GQA by `repeat_interleave`, softmax in fp32, a
+sliding window of W keys including the current token (the official xformers model; not
+`one_file_ref.py`'s W+1), a rolling-buffer KV cache, an untied head and fp32 logits.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from checkpoint.args import ModelArgs
+from reference_torch.cache import RollingKVCache
+from reference_torch.rope import apply_rotary_emb, freqs_cis
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return normed.type_as(x) * self.weight
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Bool (Tq, Tk): key visible iff it is filled, causal, and fewer than W positions back."""
+    q, k = q_pos[:, None], k_pos[None, :]
+    visible = (k >= 0) & (k <= q)
+    if window is not None:
+        visible &= q - k < window
+    return visible
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.sliding_window = args.sliding_window
+        self.scale = args.head_dim**-0.5
+        self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, dim)
+        cis: torch.Tensor,  # (T, head_dim / 2)
+        positions: torch.Tensor,  # (T,)
+        cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Output (B, T, dim) and this chunk's rotated keys and values (B, T, Hkv, D)."""
+        B, T, _ = x.shape
+        xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)
+        xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
+        xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
+        xq, xk = apply_rotary_emb(xq, cis), apply_rotary_emb(xk, cis)
+
+        keys, values, key_pos = xk, xv, positions
+        if cached is not None:
+            cache_k, cache_v, cache_pos = cached  # (B, S, Hkv, D), (S,)
+            keys = torch.cat([cache_k, xk], dim=1)
+            values = torch.cat([cache_v, xv], dim=1)
+            key_pos = torch.cat([cache_pos, positions])
+        rep = self.n_heads // self.n_kv_heads
+        keys = keys.repeat_interleave(rep, dim=2)  # (B, S+T, H, D)
+        values = values.repeat_interleave(rep, dim=2)
+
+        scores = torch.einsum("bqhd,bkhd->bhqk", xq, keys) * self.scale  # (B, H, T, S+T)
+        visible = attention_mask(positions, key_pos, self.sliding_window)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        probs = F.softmax(scores.float(), dim=-1).type_as(xq)
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, values).reshape(B, T, -1)
+        return self.wo(out), xk, xv
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention = Attention(args)
+        self.feed_forward = FeedForward(args)
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+
+    def forward(self, x, cis, positions, cached=None):
+        """(B, T, dim) → (B, T, dim), plus the chunk's keys and values for the cache."""
+        attn, xk, xv = self.attention(self.attention_norm(x), cis, positions, cached)
+        h = x + attn
+        return h + self.feed_forward(self.ffn_norm(h)), xk, xv
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        if args.moe is not None:
+            raise NotImplementedError("mixture-of-experts models are not supported yet")
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+
+    @classmethod
+    def from_folder(
+        cls, folder, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+    ) -> "Transformer":
+        """Load an official (or converted) folder, strict on keys and shapes."""
+        from reference_torch.loading import load_transformer
+
+        return load_transformer(cls, folder, dtype=dtype, device=device)
+
+    def forward(self, tokens: torch.Tensor, cache: RollingKVCache | None = None) -> torch.Tensor:
+        """fp32 logits (B, T, vocab) for `tokens` (B, T); with a cache, continue from it."""
+        return self.forward_hidden(tokens, cache)[0]
+
+    def forward_hidden(
+        self, tokens: torch.Tensor, cache: RollingKVCache | None = None
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and every hidden state: embeddings, after each block, after the final norm."""
+        T = tokens.shape[1]
+        positions = (
+            cache.next_positions(T) if cache is not None else torch.arange(T, device=tokens.device)
+        )
+        cis = freqs_cis(positions, self.args.head_dim, self.args.rope_theta)
+        h = self.tok_embeddings(tokens)
+        hidden = [h]
+        for i, layer in enumerate(self.layers):
+            cached = cache.layer(i) if cache is not None else None
+            h, xk, xv = layer(h, cis, positions, cached)
+            if cache is not None:
+                cache.write(i, xk, xv, positions)
+            hidden.append(h)
+        if cache is not None:
+            cache.advance(positions)
+        h = self.norm(h)
+        hidden.append(h)
+        return self.output(h).float(), hidden
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

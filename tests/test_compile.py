@@ -1,0 +1,36 @@
+"""The compiled program does not grow with depth: blocks are stacked and scanned."""
+
+import jax
+import jax.numpy as jnp
+from conftest import tiny_args
+
+from checkpoint.spec import tensor_spec
+from model_jax import KVCache
+from model_jax.model import Transformer, _forward
+
+
+def zeros_model(args) -> Transformer:
+    spec = tensor_spec(args)
+
+    def get(name):
+        if name.startswith("layers."):
+            return jnp.zeros((args.n_layers, *spec[f"layers.0.{name[7:]}"]), jnp.float32)
+        return jnp.zeros(spec[name], jnp.float32)
+
+    return Transformer.load(args, get)
+
+
+def program_size(n_layers: int, with_cache: bool) -> int:
+    args = tiny_args(n_layers=n_layers, sliding_window=8)
+    model, tokens = zeros_model(args), jnp.zeros(5, jnp.int32)
+    cache = KVCache.empty(args, 32, jnp.float32) if with_cache else None
+    jaxpr = jax.make_jaxpr(_forward)(model, tokens, jnp.arange(5), cache)
+    return len(str(jaxpr).splitlines())
+
+
+def test_forward_program_size_is_independent_of_depth():
+    assert program_size(2, with_cache=False) == program_size(16, with_cache=False)
+
+
+def test_cached_step_program_size_is_independent_of_depth():
+    assert program_size(2, with_cache=True) == program_size(16, with_cache=True)

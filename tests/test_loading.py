@@ -1,0 +1,177 @@
+"""Loading is strict: a bad folder fails with one clear error naming the file/key and shapes,
+and a pickle never gets to run code."""
+
+import json
+import pickle
+import zipfile
+
+import jax.numpy as jnp
+import pytest
+import torch
+from conftest import BASE, random_tokens, tiny_args
+
+import reference_torch
+from checkpoint.errors import CheckpointError
+from checkpoint.folder import open_folder
+from checkpoint.pth import read_pth_table
+from checkpoint.tiny import random_state_dict, write_tiny_checkpoint
+from model_jax import load_model
+
+LOADERS = {
+    "torch": lambda folder: reference_torch.Transformer.from_folder(folder, dtype=torch.float32),
+    "jax": lambda folder: load_model(folder, dtype=jnp.float32),
+}
+
+
+def folder_with_state(tmp_path, state, args=BASE):
+    args.to_json(tmp_path / "params.json")
+    torch.save(state, tmp_path / "consolidated.00.pth")
+    return tmp_path
+
+
+@pytest.fixture
+def state():
+    return {k: v.to(torch.bfloat16) for k, v in random_state_dict(BASE).items()}
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_missing_params_json(tmp_path, loader, state):
+    folder_with_state(tmp_path, state)
+    (tmp_path / "params.json").unlink()
+    with pytest.raises(CheckpointError, match=r"params.json: file not found"):
+        LOADERS[loader](tmp_path)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_unknown_params_key(tmp_path, loader, state):
+    folder_with_state(tmp_path, state)
+    params = json.loads((tmp_path / "params.json").read_text()) | {"bogus": 1}
+    (tmp_path / "params.json").write_text(json.dumps(params))
+    with pytest.raises(CheckpointError, match=r"params.json: unknown key\(s\) bogus"):
+        LOADERS[loader](tmp_path)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_missing_tensor_is_named(tmp_path, loader, state):
+    del state["layers.1.attention.wk.weight"]
+    folder_with_state(tmp_path, state)
+    with pytest.raises(
+        CheckpointError,
+        match=r"consolidated.00.pth: missing tensor layers.1.attention.wk.weight "
+        r"\(expected shape \[32, 64\]\)",
+    ):
+        LOADERS[loader](tmp_path)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_extra_tensor_is_named(tmp_path, loader, state):
+    state["layers.0.attention.bias"] = torch.zeros(3)
+    folder_with_state(tmp_path, state)
+    with pytest.raises(CheckpointError, match=r"unexpected tensor layers.0.attention.bias"):
+        LOADERS[loader](tmp_path)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_wrong_shape_names_key_and_both_shapes(tmp_path, loader, state):
+    state["layers.0.feed_forward.w2.weight"] = torch.zeros(64, 100, dtype=torch.bfloat16)
+    folder_with_state(tmp_path, state)
+    with pytest.raises(
+        CheckpointError,
+        match=r"tensor layers.0.feed_forward.w2.weight has shape \[64, 100\], "
+        r"expected \[64, 128\]",
+    ):
+        LOADERS[loader](tmp_path)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_neither_weights_file(tmp_path, loader):
+    BASE.to_json(tmp_path / "params.json")
+    with pytest.raises(CheckpointError, match=r"expected exactly one of .* found neither"):
+        LOADERS[loader](tmp_path)
+
+
+class _RunsCode:
+    def __init__(self, sentinel):
+        self.sentinel = sentinel
+
+    def __reduce__(self):
+        return (open, (self.sentinel, "w"))
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_pickle_that_would_run_code_is_refused_without_running(tmp_path, loader, state):
+    sentinel = tmp_path / "pwned"
+    state["payload"] = _RunsCode(str(sentinel))
+    folder_with_state(tmp_path, state)
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth"):
+        LOADERS[loader](tmp_path)
+    assert not sentinel.exists()
+
+
+def test_restricted_reader_names_the_refused_global(tmp_path, state):
+    sentinel = tmp_path / "pwned"
+    state["payload"] = _RunsCode(str(sentinel))
+    folder_with_state(tmp_path, state)
+    with pytest.raises(CheckpointError, match=r"refusing to load global (builtins|io)\.open"):
+        read_pth_table(tmp_path / "consolidated.00.pth")
+    assert not sentinel.exists()
+
+
+def test_restricted_reader_gives_the_bytes_torch_gives(tmp_path, state):
+    folder_with_state(tmp_path, state)
+    table = read_pth_table(tmp_path / "consolidated.00.pth")
+    assert list(table) == list(state)
+    for name, tensor in state.items():
+        ours = table[name].array()
+        assert ours.shape == tuple(tensor.shape)
+        assert ours.tobytes() == tensor.view(torch.int16).numpy().tobytes()
+
+
+def test_reader_refuses_non_contiguous_tensor(tmp_path):
+    folder_with_state(tmp_path, {"w": torch.arange(12.0).reshape(3, 4).t()})
+    with pytest.raises(CheckpointError, match="tensor w is not contiguous"):
+        read_pth_table(tmp_path / "consolidated.00.pth")
+
+
+def test_reader_handles_tensors_sharing_a_storage(tmp_path):
+    base = torch.arange(12.0)
+    folder_with_state(tmp_path, {"a": base[:4], "b": base[4:].view(2, 4)})
+    table = read_pth_table(tmp_path / "consolidated.00.pth")
+    assert table["b"].array().tolist() == base[4:].view(2, 4).tolist()
+
+
+def test_reader_refuses_a_plain_pickle(tmp_path):
+    path = tmp_path / "consolidated.00.pth"
+    path.write_bytes(pickle.dumps({"w": [1.0]}))
+    with pytest.raises(CheckpointError, match="not a readable torch zip checkpoint"):
+        read_pth_table(path)
+
+
+def test_reader_refuses_compressed_entries(tmp_path, state):
+    src = folder_with_state(tmp_path, state) / "consolidated.00.pth"
+    packed = tmp_path / "packed.pth"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as zout:
+        for item in zin.infolist():
+            zout.writestr(item.filename, zin.read(item.filename))
+    with pytest.raises(CheckpointError, match="is compressed"):
+        read_pth_table(packed)
+
+
+@pytest.mark.parametrize("loader", LOADERS)
+def test_safetensors_source_loads_like_pth(make_checkpoint, loader):
+    args = tiny_args(sliding_window=8)
+    pth = LOADERS[loader](make_checkpoint(args, seed=4))
+    st = LOADERS[loader](make_checkpoint(args, seed=4, weights_format="safetensors"))
+    tokens = random_tokens(12, args.vocab_size)
+    if loader == "torch":
+        tokens = torch.from_numpy(tokens).long()[None]
+        assert torch.equal(pth(tokens), st(tokens))
+    else:
+        assert jnp.array_equal(pth(jnp.asarray(tokens)), st(jnp.asarray(tokens)))
+
+
+def test_open_folder_refuses_both_weight_files(tmp_path):
+    write_tiny_checkpoint(tmp_path, BASE, tokenizer=False)
+    write_tiny_checkpoint(tmp_path, BASE, tokenizer=False, weights_format="safetensors")
+    with pytest.raises(CheckpointError, match="found both"):
+        open_folder(tmp_path)

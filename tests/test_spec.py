@@ -1,0 +1,71 @@
+"""The key/shape spec at full size, checked without allocating any weights."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import torch
+
+import reference_torch
+from checkpoint.args import ModelArgs
+from checkpoint.spec import tensor_spec
+from model_jax.model import Transformer
+
+V01 = ModelArgs(
+    dim=4096,
+    n_layers=32,
+    head_dim=128,
+    hidden_dim=14336,
+    n_heads=32,
+    n_kv_heads=8,
+    norm_eps=1e-5,
+    vocab_size=32000,
+    sliding_window=4096,
+)
+NEMO = ModelArgs(
+    dim=5120,
+    n_layers=40,
+    head_dim=128,
+    hidden_dim=14336,
+    n_heads=32,
+    n_kv_heads=8,
+    norm_eps=1e-5,
+    vocab_size=131072,
+    rope_theta=1e6,
+)
+
+
+def test_7b_v01_spec_has_291_tensors_and_7_241_732_096_parameters():
+    spec = tensor_spec(V01)
+    assert len(spec) == 291
+    assert sum(math.prod(s) for s in spec.values()) == 7_241_732_096
+    assert spec["layers.31.attention.wk.weight"] == (1024, 4096)
+    assert spec["layers.0.feed_forward.w2.weight"] == (4096, 14336)
+
+
+def test_nemo_attention_shapes_use_head_dim_not_dim_over_heads():
+    spec = tensor_spec(NEMO)
+    assert spec["layers.0.attention.wq.weight"] == (32 * 128, 5120)
+    assert spec["layers.0.attention.wo.weight"] == (5120, 32 * 128)
+
+
+def test_torch_reference_on_meta_matches_spec():
+    with torch.device("meta"):
+        model = reference_torch.Transformer(V01)
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+    assert shapes == tensor_spec(V01)
+
+
+def test_jax_model_skeleton_matches_spec_without_allocating():
+    spec = tensor_spec(V01)
+
+    def get(name):
+        if name.startswith("layers."):
+            return jnp.zeros((V01.n_layers, *spec[f"layers.0.{name[7:]}"]), jnp.bfloat16)
+        return jnp.zeros(spec[name], jnp.bfloat16)
+
+    skeleton = jax.eval_shape(lambda: Transformer.load(V01, get))
+    leaves = jax.tree_util.tree_leaves_with_path(skeleton)
+    assert sum(math.prod(leaf.shape) for _, leaf in leaves) == 7_241_732_096
+    wq = skeleton.layers.attention.wq.weight
+    assert (wq.shape, wq.dtype) == ((32, 4096, 4096), jnp.bfloat16)

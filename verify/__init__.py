@@ -1,0 +1,1 @@
+"""verify package (commands grow in later issues)."""
