@@ -16,12 +16,14 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The main job on the embedded tiny checkpoint: build it, then check the JAX port against the
-# torch reference and print the parity table (exit 1 on a parity failure).
+# The main job on the embedded tiny checkpoint: build it, convert it, check the conversion, and
+# check the JAX port of the converted folder against the torch reference (exit 1 on failure).
 demo: $(STAMP)
 	rm -rf demo
 	$(BIN)/mistral-tiny demo/official
-	$(BIN)/mistral-verify --reference demo/official
+	$(BIN)/mistral-convert demo/official demo/converted
+	$(BIN)/mistral-convert --check demo/converted
+	$(BIN)/mistral-verify --reference demo/official --converted demo/converted
 
 test: $(STAMP)
 	$(BIN)/ruff check .

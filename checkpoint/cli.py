@@ -6,6 +6,8 @@ import click
 
 from checkpoint.args import ModelArgs
 from checkpoint.errors import CheckpointError
+from checkpoint.presets import PRESETS, preset
+from checkpoint.synthetic import write_synthetic_checkpoint
 from checkpoint.tiny import TINY_ARGS, write_tiny_checkpoint
 
 
@@ -17,6 +19,13 @@ from checkpoint.tiny import TINY_ARGS, write_tiny_checkpoint
     type=click.Path(dir_okay=False),
     help="params.json to use instead of the embedded tiny config.",
 )
+@click.option(
+    "--preset",
+    "preset_name",
+    type=click.Choice(list(PRESETS)),
+    help="A full-size published shape (written tensor by tensor, bounded memory).",
+)
+@click.option("--n-layers", type=int, help="With --preset: keep only this many blocks.")
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--format",
@@ -25,11 +34,15 @@ from checkpoint.tiny import TINY_ARGS, write_tiny_checkpoint
     default="pth",
     show_default=True,
 )
-def main(out: str, params_path: str | None, seed: int, weights_format: str) -> None:
+def main(out, params_path, preset_name, n_layers, seed, weights_format) -> None:
     """Write params.json, bf16 consolidated weights and tokenizer.model into OUT."""
     try:
-        args = ModelArgs.from_json(params_path) if params_path else TINY_ARGS
-        folder = write_tiny_checkpoint(out, args, seed=seed, weights_format=weights_format)
+        if preset_name:
+            args = preset(preset_name, n_layers=n_layers)
+            folder = write_synthetic_checkpoint(out, args, seed=seed)
+        else:
+            args = ModelArgs.from_json(params_path) if params_path else TINY_ARGS
+            folder = write_tiny_checkpoint(out, args, seed=seed, weights_format=weights_format)
     except (CheckpointError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

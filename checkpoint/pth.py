@@ -65,7 +65,11 @@ class _TableUnpickler(pickle.Unpickler):
             return collections.OrderedDict
         if module == "torch" and name in STORAGE_DTYPES:
             return _StorageType(name)
-        raise _UnsafePickle(f"refusing to load global {module}.{name}")
+        if module == "torch" and name.endswith("Storage"):
+            raise _UnsafePickle(f"unsupported tensor dtype torch.{name}")
+        raise _UnsafePickle(
+            f"refusing to load global {module}.{name} (not a plain tensor checkpoint)"
+        )
 
     def persistent_load(self, pid):
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
@@ -99,7 +103,7 @@ def _read_table(path: Path, archive: zipfile.ZipFile) -> dict[str, TensorRecord]
     try:
         table = _TableUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
     except _UnsafePickle as err:
-        raise CheckpointError(path, f"{err}; this is not a plain tensor checkpoint") from None
+        raise CheckpointError(path, str(err)) from None
     except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError) as err:
         raise CheckpointError(path, f"corrupt pickle in {pickles[0]} ({err})") from None
     if not isinstance(table, dict) or not all(

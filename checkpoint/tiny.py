@@ -46,6 +46,17 @@ def bundled_tokenizer(vocab_size: int) -> Path:
     return Path(str(data))
 
 
+def init_distribution(name: str, shape: tuple[int, ...], logit_std: float = 8.0):
+    """(mean, std) of the random init of one checkpoint tensor."""
+    if name.endswith("norm.weight"):
+        return 1.0, 0.1
+    if name == "tok_embeddings.weight":
+        return 0.0, 1.0
+    if name == "output.weight":
+        return 0.0, logit_std / shape[1] ** 0.5
+    return 0.0, 1.0 / shape[1] ** 0.5
+
+
 def random_state_dict(
     args: ModelArgs, *, seed: int = 0, logit_std: float = 8.0
 ) -> dict[str, torch.Tensor]:
@@ -53,15 +64,8 @@ def random_state_dict(
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for name, shape in tensor_spec(args).items():
-        if name.endswith("norm.weight"):
-            tensor = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-        elif name == "tok_embeddings.weight":
-            tensor = torch.randn(shape, generator=gen)
-        elif name == "output.weight":
-            tensor = torch.randn(shape, generator=gen) * (logit_std / shape[1] ** 0.5)
-        else:
-            tensor = torch.randn(shape, generator=gen) / shape[1] ** 0.5
-        state[name] = tensor
+        mean, std = init_distribution(name, shape, logit_std)
+        state[name] = torch.randn(shape, generator=gen) * std + mean
     return state
 
 

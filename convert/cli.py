@@ -1,0 +1,82 @@
+"""`mistral-convert SRC OUT` and `mistral-convert --check OUT`."""
+
+import dataclasses
+import json
+import resource
+import signal
+import sys
+
+import click
+
+from checkpoint.errors import CheckpointError
+from convert.check import check_converted
+from convert.convert import TARGET_DTYPES, convert_checkpoint
+from convert.progress import Progress
+
+
+def _fail(message: str) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(2)
+
+
+@click.command()
+@click.argument("paths", nargs=-1, metavar="SRC OUT | --check OUT")
+@click.option(
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    help="Largest shard (decimal units as HF: 5GB = 5e9 bytes; GiB for binary).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(list(TARGET_DTYPES)),
+    default="keep",
+    show_default=True,
+    help="keep: byte-identical copy of every tensor.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
+@click.option("--check", "check", is_flag=True, help="Verify OUT against its manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
+def main(paths, max_shard_size, dtype, overwrite, check, as_json) -> None:
+    """Convert an official Mistral checkpoint folder SRC into sharded safetensors in OUT."""
+    if check:
+        if len(paths) != 1:
+            _fail("--check takes exactly one folder: mistral-convert --check OUT")
+        problems = check_converted(paths[0])
+        for problem in problems:
+            click.echo(f"check failed: {problem}", err=True)
+        if as_json:
+            click.echo(json.dumps({"folder": paths[0], "ok": not problems, "problems": problems}))
+        elif not problems:
+            click.echo(f"{paths[0]}: all files match the manifest and the spec")
+        sys.exit(1 if problems else 0)
+    if len(paths) != 2:
+        _fail("expected SRC and OUT: mistral-convert SRC OUT")
+    src, out = paths
+    # SIGTERM unwinds like Ctrl-C, so the partial folder is removed.
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        summary = convert_checkpoint(
+            src,
+            out,
+            max_shard_size=max_shard_size,
+            dtype=dtype,
+            overwrite=overwrite,
+            progress=Progress(),
+        )
+    except CheckpointError as err:
+        _fail(str(err))
+    except ValueError as err:
+        _fail(f"{src}: {err}")
+    except OSError as err:
+        _fail(f"{out}: cannot write ({err.strerror or err})")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(summary) | {"peak_rss_mb": peak_mb}))
+    else:
+        click.echo(
+            f"wrote {summary.out}: {summary.tensors} tensors in {summary.shards} shard(s), "
+            f"{summary.bytes_written / 1e9:.2f} GB in {summary.seconds:.1f} s"
+        )
