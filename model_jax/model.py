@@ -179,29 +179,41 @@ class Transformer(eqx.Module):
 
     def __call__(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq vocab"]:
         """fp32 logits for positions 0..T-1 (batch with `jax.vmap`)."""
-        return _forward_jit(self, tokens, jnp.arange(tokens.shape[0]), None)[0]
+        positions = jnp.arange(tokens.shape[0])
+        return _logits_jit(self, tokens, positions, None, collect_hidden=False)[0]
 
     def forward_hidden(
         self, tokens: Int[Array, " seq"]
     ) -> tuple[Float[Array, "seq vocab"], Float[Array, "layers_plus_2 seq dim"]]:
         """Logits and every hidden state: embeddings, after each block, after the final norm."""
-        logits, hidden, _ = _forward_jit(self, tokens, jnp.arange(tokens.shape[0]), None)
+        positions = jnp.arange(tokens.shape[0])
+        logits, hidden, _ = _logits_jit(self, tokens, positions, None, collect_hidden=True)
         return logits, hidden
 
     def step(
         self, tokens: Int[Array, " chunk"], positions: Int[Array, " chunk"], cache: KVCache
     ) -> tuple[Float[Array, "chunk vocab"], KVCache]:
         """Run a chunk (prefill or decode) after what `cache` holds; positions -1 are padding."""
-        logits, _, cache = _forward_jit(self, tokens, positions, cache)
+        logits, _, cache = _logits_jit(self, tokens, positions, cache, collect_hidden=False)
         return logits, cache
 
+    def logits(self, h: Float[Array, "seq dim"]) -> Float[Array, "seq vocab"]:
+        """The output head on final-norm states, in fp32 as the reference's `.float()`."""
+        return self.output(h).astype(jnp.float32)
 
-def _forward(
+
+def run_layers(
     model: Transformer,
     tokens: Int[Array, " seq"],
     positions: Int[Array, " seq"],
     cache: KVCache | None,
-) -> tuple[Float[Array, "seq vocab"], Float[Array, "layers_plus_2 seq dim"], KVCache | None]:
+    *,
+    collect_hidden: bool,
+) -> tuple[Float[Array, "seq dim"], Float[Array, "layers_plus_2 seq dim"] | None, KVCache | None]:
+    """Embeddings → scanned blocks → final norm; with a cache, attend to it and update it.
+
+    Returns the final-norm states, every hidden state if `collect_hidden`, and the new cache.
+    """
     args = model.args
     cos, sin = rotary_angles(positions, args.head_dim, args.rope_theta)
     layer_params, layer_static = eqx.partition(model.layers, eqx.is_array)
@@ -210,19 +222,24 @@ def _forward(
         block = eqx.combine(xs[0], layer_static)
         cached = None if cache is None else (xs[1], xs[2], cache.positions)
         h, xk, xv = block(h, cos, sin, positions, cached)
+        out = h if collect_hidden else None
         if cache is None:
-            return h, (h,)
-        return h, (h, write_slots(xs[1], xk, positions), write_slots(xs[2], xv, positions))
+            return h, (out,)
+        return h, (out, write_slots(xs[1], xk, positions), write_slots(xs[2], xv, positions))
 
     h0 = model.tok_embeddings(tokens)
     xs = (layer_params,) if cache is None else (layer_params, cache.k, cache.v)
     h, ys = lax.scan(run_block, h0, xs)
     h = model.norm(h)
-    hidden = jnp.concatenate([h0[None], ys[0], h[None]])
-    logits = model.output(h).astype(jnp.float32)
+    hidden = jnp.concatenate([h0[None], ys[0], h[None]]) if collect_hidden else None
     if cache is not None:
         cache = KVCache(ys[1], ys[2], write_slots(cache.positions, positions, positions))
-    return logits, hidden, cache
+    return h, hidden, cache
 
 
-_forward_jit = eqx.filter_jit(_forward)
+def _logits(model, tokens, positions, cache, *, collect_hidden):
+    h, hidden, cache = run_layers(model, tokens, positions, cache, collect_hidden=collect_hidden)
+    return model.logits(h), hidden, cache
+
+
+_logits_jit = eqx.filter_jit(_logits)

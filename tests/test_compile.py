@@ -1,12 +1,14 @@
 """The compiled program does not grow with depth: blocks are stacked and scanned."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from conftest import tiny_args
 
 from checkpoint.spec import tensor_spec
 from model_jax import KVCache
-from model_jax.model import Transformer, _forward
+from model_jax.model import Transformer, run_layers
 
 
 def zeros_model(args) -> Transformer:
@@ -24,7 +26,8 @@ def program_size(n_layers: int, with_cache: bool) -> int:
     args = tiny_args(n_layers=n_layers, sliding_window=8)
     model, tokens = zeros_model(args), jnp.zeros(5, jnp.int32)
     cache = KVCache.empty(args, 32, jnp.float32) if with_cache else None
-    jaxpr = jax.make_jaxpr(_forward)(model, tokens, jnp.arange(5), cache)
+    forward = functools.partial(run_layers, collect_hidden=True)
+    jaxpr = jax.make_jaxpr(forward)(model, tokens, jnp.arange(5), cache)
     return len(str(jaxpr).splitlines())
 
 

@@ -1,0 +1,65 @@
+"""`mistral-generate FOLDER --prompt TEXT ...`: generate with the JAX model, printing text as
+it is produced."""
+
+import sys
+
+import click
+import jax
+import jax.numpy as jnp
+
+from checkpoint.errors import CheckpointError
+from checkpoint.tokenizer import Tokenizer
+from model_jax.generate import generate
+from model_jax.loading import load_model
+
+DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+
+
+class TextStreamer:
+    """Prints the new text of a single sequence after each generation step."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        self.tokenizer, self.ids, self.printed = tokenizer, [], ""
+
+    def __call__(self, step: int, tokens: list[int | None]) -> None:
+        if tokens[0] is None:
+            return
+        self.ids.append(tokens[0])
+        text = self.tokenizer.decode(self.ids)  # whole text: pieces merge across tokens
+        click.echo(text[len(self.printed) :], nl=False)
+        self.printed = text
+
+
+@click.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Repeat for more.")
+@click.option("--max-new-tokens", default=64, show_default=True)
+@click.option("--temperature", default=0.0, show_default=True, help="0: greedy.")
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--top-k", default=0, show_default=True, help="0: no top-k filter.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True)
+def main(folder, prompts, max_new_tokens, temperature, top_p, top_k, seed, dtype) -> None:
+    """Continue each PROMPT with the model in FOLDER (official or converted)."""
+    try:
+        tokenizer = Tokenizer(f"{folder}/tokenizer.model")
+        model = load_model(folder, dtype=DTYPES[dtype])
+    except CheckpointError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    key = jax.random.key(seed)
+    for i, text in enumerate(prompts):
+        click.echo(f"--- prompt {i + 1}")
+        click.echo(text, nl=False)
+        generate(
+            model,
+            [tokenizer.encode(text)],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            key=jax.random.fold_in(key, i),
+            eos_id=tokenizer.eos_id,
+            on_step=TextStreamer(tokenizer),
+        )
+        click.echo()
