@@ -17,13 +17,14 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 # The main job on the embedded tiny checkpoint: build it, convert it, check the conversion, and
-# check the JAX port of the converted folder against the torch reference (exit 1 on failure).
+# verify the JAX port of the converted folder against the torch reference; the report lands in
+# reports/mistral-tiny-jax-bfloat16-cpu/ (exit 1 on a parity failure).
 demo: $(STAMP)
 	rm -rf demo
-	$(BIN)/mistral-tiny demo/official
-	$(BIN)/mistral-convert demo/official demo/converted
-	$(BIN)/mistral-convert --check demo/converted
-	$(BIN)/mistral-verify --reference demo/official --converted demo/converted
+	$(BIN)/mistral-tiny demo/mistral-tiny
+	$(BIN)/mistral-convert demo/mistral-tiny demo/mistral-tiny-jax
+	$(BIN)/mistral-convert --check demo/mistral-tiny-jax
+	$(BIN)/mistral-verify --reference demo/mistral-tiny --converted demo/mistral-tiny-jax
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -30,6 +30,12 @@ class TensorRecord:
     def nbytes(self) -> int:
         return math.prod(self.shape) * NUMPY_DTYPES[self.dtype].itemsize
 
+    def read(self) -> np.ndarray:
+        """A fresh in-memory copy (plain reads: no mapping stays resident afterwards)."""
+        count = self.nbytes // NUMPY_DTYPES[self.dtype].itemsize
+        data = np.fromfile(self.path, NUMPY_DTYPES[self.dtype], count=count, offset=self.offset)
+        return data.reshape(self.shape)
+
     def array(self) -> np.ndarray:
         """A read-only memory-mapped view of the tensor (pages are read as they are touched)."""
         dtype = NUMPY_DTYPES[self.dtype]

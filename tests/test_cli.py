@@ -1,46 +1,26 @@
-"""The command-line tools: exit 0 on parity, 1 on a parity failure, 2 on bad input."""
+"""mistral-tiny: writes a folder both models load; bad params exit 2."""
 
-import json
-
-import torch
 from click.testing import CliRunner
-from conftest import BASE
 
 from checkpoint import cli as tiny_cli
-from checkpoint.tiny import TINY_ARGS, random_state_dict
-from verify import cli as verify_cli
+from checkpoint.folder import open_folder
+from checkpoint.tiny import TINY_ARGS
 
 
-def test_tiny_then_verify_passes(tmp_path):
-    runner = CliRunner()
-    assert runner.invoke(tiny_cli.main, [str(tmp_path / "tiny")]).exit_code == 0
-    result = runner.invoke(verify_cli.main, ["--reference", str(tmp_path / "tiny"), "--json"])
+def test_tiny_writes_an_official_folder(tmp_path):
+    result = CliRunner().invoke(tiny_cli.main, [str(tmp_path / "tiny")])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.output)
-    assert report["verdict"] == "pass"
-    assert [row["dtype"] for row in report["logits"]] == ["float32", "bfloat16"]
+    assert open_folder(tmp_path / "tiny").args == TINY_ARGS
+    assert (tmp_path / "tiny" / "tokenizer.model").exists()
 
 
-def test_verify_fails_on_a_slightly_scaled_weight(tmp_path):
-    runner = CliRunner()
-    runner.invoke(tiny_cli.main, [str(tmp_path / "ref")])
-    runner.invoke(tiny_cli.main, [str(tmp_path / "bad")])
-    state = {k: v.to(torch.bfloat16) for k, v in random_state_dict(TINY_ARGS).items()}
-    state["layers.2.feed_forward.w2.weight"] *= 1.02
-    torch.save(state, tmp_path / "bad" / "consolidated.00.pth")
-    result = runner.invoke(
-        verify_cli.main,
-        ["--reference", str(tmp_path / "ref"), "--converted", str(tmp_path / "bad")],
+def test_tiny_preset_writes_full_width_blocks(tmp_path):
+    result = CliRunner().invoke(
+        tiny_cli.main, [str(tmp_path / "p"), "--preset", "7b-v0.1", "--n-layers", "1"]
     )
-    assert result.exit_code == 1, result.output
-    assert "FAIL" in result.output
-
-
-def test_verify_bad_input_exits_2_with_one_line(tmp_path):
-    BASE.to_json(tmp_path / "params.json")
-    result = CliRunner().invoke(verify_cli.main, ["--reference", str(tmp_path)])
-    assert result.exit_code == 2
-    assert result.output.strip().count("\n") == 0 and "tokenizer.model" in result.output
+    assert result.exit_code == 0, result.output
+    folder = open_folder(tmp_path / "p")
+    assert folder.tensors["layers.0.feed_forward.w1.weight"].shape == (14336, 4096)
 
 
 def test_tiny_refuses_bad_params_with_exit_2(tmp_path):

@@ -9,7 +9,7 @@ from conftest import random_tokens, relative_error, relative_l2, tiny_args
 
 import reference_torch
 from model_jax import load_model
-from verify.gates import BF16_NOISE_RATIO, FP32_REL_L2
+from verify.gates import Thresholds
 
 CONFIGS = {
     "mha": tiny_args(n_kv_heads=4),
@@ -22,7 +22,9 @@ CONFIGS = {
 }
 SEQ = 40  # ≥ 3·W for the windowed config
 
-FP32_TOLERANCE = FP32_REL_L2  # applied to max |Δ| / max |ref|, stricter than relative L2
+FP32_TOLERANCE = 1e-5  # fp32 vs fp32 differ in summation order only (≈5e-7 measured)
+# The port's bf16 error / the reference's own bf16 error (measured 0.86-0.95; see verify/gates.py).
+BF16_NOISE_RATIO = Thresholds().free_bf16_over_floor
 
 
 def logits_both(folder, dtype_torch, dtype_jax, tokens):
@@ -50,10 +52,6 @@ def test_fp32_hidden_states_match_reference(make_checkpoint):
     assert port_hidden.shape == (args.n_layers + 2, SEQ, args.dim)
     for ref_h, port_h in zip(ref_hidden, port_hidden, strict=True):
         assert relative_error(port_h, ref_h[0].numpy()) <= FP32_TOLERANCE
-
-
-# bf16: the port's error against fp32 must be of the size of the reference's own bf16 error
-# on the same input; the bound and its measurement are in verify/gates.py.
 
 
 @pytest.mark.parametrize("name", ["gqa", "window-shorter-than-seq", "head-dim-not-dim-over-heads"])

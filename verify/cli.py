@@ -1,81 +1,106 @@
-"""`mistral-verify`: parity of the JAX port against the torch reference."""
+"""`mistral-verify`: layer-by-layer parity of the converted JAX model against the reference.
+
+Exit code 0: pass; 1: parity (or checksum) failure; 2: bad input or usage.
+"""
 
 import json
 import sys
 from pathlib import Path
 
 import click
-from tabulate import tabulate
 
 from checkpoint.errors import CheckpointError
-from checkpoint.tokenizer import Tokenizer
-from verify.parity import logit_parity
-from verify.prompts import BUILTIN_PROMPTS
-
-
-def _fmt(value) -> str:
-    return "" if value is None else f"{value:.3g}"
+from verify.gates import Thresholds
+from verify.report import write_report
+from verify.run import run_verification
 
 
 @click.command()
 @click.option(
     "--reference",
-    "reference",
     required=True,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Official checkpoint folder, run by the torch reference.",
+    type=click.Path(path_type=Path),
+    help="Official checkpoint folder (run by the torch reference).",
 )
 @click.option(
     "--converted",
-    "converted",
-    default=None,
-    type=click.Path(exists=True, file_okay=False, path_type=Path),
-    help="Folder the JAX model loads (default: the reference folder).",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="mistral-convert output folder (run by the JAX model).",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def main(reference: Path, converted: Path | None, as_json: bool) -> None:
-    """Compare the JAX model's logits with the torch reference's; exit 1 on a parity failure."""
+@click.option(
+    "--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True
+)
+@click.option(
+    "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
+)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    type=click.Path(path_type=Path),
+    help="Text file, one prompt per line (default: the built-in set).",
+)
+@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option(
+    "--report-dir",
+    type=click.Path(path_type=Path),
+    help="Default: reports/<model>-<dtype>-<device>/.",
+)
+@click.option(
+    "--stream-layers",
+    is_flag=True,
+    help="Hold one block of each model at a time (skips generation agreement).",
+)
+@click.option("--thresholds", help="Override gates: name=value,... (see verify/gates.py).")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+def main(
+    reference,
+    converted,
+    dtype,
+    device,
+    prompts_file,
+    max_new_tokens,
+    report_dir,
+    stream_layers,
+    thresholds,
+    as_json,
+) -> None:
+    """Compare the torch reference on REFERENCE with the JAX model on CONVERTED."""
     try:
-        tokenizer = Tokenizer(reference / "tokenizer.model")
-        prompts = [tokenizer.encode(text) for text in BUILTIN_PROMPTS]
-        rows = logit_parity(reference, converted or reference, prompts)
+        for folder in (reference, converted):
+            if not folder.is_dir():
+                raise CheckpointError(folder, "not a directory")
+        prompts = None
+        if prompts_file is not None:
+            if not prompts_file.is_file():
+                raise CheckpointError(prompts_file, "file not found")
+            prompts = [line for line in prompts_file.read_text().splitlines() if line.strip()]
+            if not prompts:
+                raise CheckpointError(prompts_file, "no prompts in the file")
+        result = run_verification(
+            reference,
+            converted,
+            dtype=dtype,
+            device=device,
+            prompts=prompts,
+            max_new_tokens=max_new_tokens,
+            stream_layers=stream_layers,
+            thresholds=Thresholds.parse(thresholds),
+        )
     except CheckpointError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    passed = all(r.passed for r in rows)
+    except ValueError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    where = "gpu" if result["environment"]["torch_device"] != "cpu" else "cpu"
+    folder = write_report(
+        result, report_dir or Path("reports") / f"{converted.name}-{dtype}-{where}"
+    )
     if as_json:
-        click.echo(
-            json.dumps(
-                {"verdict": "pass" if passed else "fail", "logits": [r.__dict__ for r in rows]},
-                indent=2,
-            )
-        )
+        click.echo(json.dumps(result, indent=2))
     else:
-        table = [
-            [
-                r.dtype,
-                r.tokens,
-                _fmt(r.rel_l2),
-                _fmt(r.max_abs_logit_diff),
-                f"{100 * r.top1_agreement:.1f}",
-                _fmt(r.kl_mean),
-                _fmt(r.noise_floor),
-                _fmt(r.noise_ratio),
-                "pass" if r.passed else "FAIL",
-            ]
-            for r in rows
-        ]
-        headers = [
-            "dtype",
-            "tokens",
-            "rel L2",
-            "max |Δlogit|",
-            "top-1 %",
-            "KL mean",
-            "bf16 floor",
-            "err/floor",
-            "gate",
-        ]
-        click.echo(f"verdict: {'PASS' if passed else 'FAIL'}  ({reference} vs JAX port)")
-        click.echo(tabulate(table, headers=headers, tablefmt="github"))
-    sys.exit(0 if passed else 1)
+        click.echo(f"{result['verdict'].upper()}: report in {folder}/report.md")
+        for reason in result["reasons"]:
+            click.echo(f"  {reason}")
+    sys.exit(0 if result["verdict"] == "pass" else 1)
