@@ -12,6 +12,7 @@ from faults import FAULTS
 
 from checkpoint.tiny import random_state_dict
 from convert.convert import convert_checkpoint
+from verify import runners
 from verify.cli import main as verify_cli
 from verify.run import run_verification
 
@@ -121,3 +122,14 @@ def test_bad_input_exits_2(clean, tmp_path, bad):
     result = CliRunner().invoke(verify_cli, argv)
     assert result.exit_code == 2, result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_stream_layers_never_loads_a_whole_state_dict(clean, monkeypatch):
+    source, out = clean
+
+    def whole_file_loader(*args, **kwargs):
+        raise AssertionError("--stream-layers must not map or load the whole checkpoint")
+
+    monkeypatch.setattr(runners, "read_state_dict", whole_file_loader)
+    result = run_verification(source, out, prompts=PROMPTS[:1], stream_layers=True)
+    assert result["verdict"] == "pass" and result["generation"] is None

@@ -49,7 +49,7 @@ def layer_drift(
         }
         state = {stream: run(stream, state[stream]) for stream in STREAMS}
         entries.append(_entry(f"block {i}", i, state, forced, dtype))
-        del blocks
+        del blocks, run  # free this block's weights before the next block is read
     heads = {
         "R32": (reference, "float32"),
         "R16": (reference, "bfloat16"),

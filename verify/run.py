@@ -61,7 +61,7 @@ def run_verification(
     checksum_problems = check_converted(converted)
     with jax.default_device(jax_device):
         layers, logits = layer_drift(
-            TorchLayers(reference, torch_device),
+            TorchLayers(reference, torch_device, stream=stream_layers),
             JaxLayers(converted, jax_device),
             token_prompts,
             dtype,

@@ -102,8 +102,9 @@ class JaxLayers:
         self.args, self.records, self.device = checkpoint.args, checkpoint.tensors, device
 
     def _get(self, dtype: str):
-        return lambda name: jax.device_put(
-            jnp.asarray(self.records[name].read(), JAX_DTYPES[dtype]), self.device
+        # Cast on the device: no host-side float32 copy of the weights.
+        return lambda name: jax.device_put(self.records[name].read(), self.device).astype(
+            JAX_DTYPES[dtype]
         )
 
     def embed(self, tokens: list[int], dtype: str) -> np.ndarray:
