@@ -17,6 +17,7 @@ from jaxtyping import Array, Bool, Float, Int
 
 from checkpoint.args import ModelArgs
 from model_jax.cache import KVCache, write_slots
+from model_jax.moe import MoeFeedForward
 from model_jax.rope import apply_rotary, rotary_angles
 
 HIGHEST = lax.Precision.HIGHEST  # fp32 matmuls stay fp32 on GPU/TPU (no TF32)
@@ -117,7 +118,7 @@ class FeedForward(eqx.Module):
 
 class TransformerBlock(eqx.Module):
     attention: Attention
-    feed_forward: FeedForward
+    feed_forward: FeedForward | MoeFeedForward
     attention_norm: RMSNorm
     ffn_norm: RMSNorm
 
@@ -145,12 +146,30 @@ class TransformerBlock(eqx.Module):
                 args.head_dim,
                 args.sliding_window,
             ),
-            feed_forward=FeedForward(
-                linear("feed_forward.w1"), linear("feed_forward.w2"), linear("feed_forward.w3")
-            ),
+            feed_forward=_feed_forward(args, get, prefix),
             attention_norm=RMSNorm(get(f"{prefix}attention_norm.weight"), args.norm_eps),
             ffn_norm=RMSNorm(get(f"{prefix}ffn_norm.weight"), args.norm_eps),
         )
+
+
+def _feed_forward(args: ModelArgs, get: Getter, prefix: str) -> FeedForward | MoeFeedForward:
+    """The dense FFN, or Mixtral's experts stacked on the axis before (out, in)."""
+
+    def ffn(p: str, fetch: Getter = get) -> FeedForward:
+        return FeedForward(*(Linear(fetch(f"{p}{w}.weight")) for w in ("w1", "w2", "w3")))
+
+    if args.moe is None:
+        return ffn(f"{prefix}feed_forward.")
+    experts = range(args.moe.num_experts)
+
+    def stack(name: str) -> Array:  # name holds "{e}"
+        return jnp.stack([get(name.format(e=e)) for e in experts], axis=-3)
+
+    return MoeFeedForward(
+        gate=Linear(get(f"{prefix}feed_forward.gate.weight")),
+        experts=ffn(f"{prefix}feed_forward.experts.{{e}}.", stack),
+        num_experts_per_tok=args.moe.num_experts_per_tok,
+    )
 
 
 class Transformer(eqx.Module):
@@ -163,8 +182,6 @@ class Transformer(eqx.Module):
     @classmethod
     def load(cls, args: ModelArgs, get: Getter) -> "Transformer":
         """Build from a getter; `get("layers.<name>")` must return the block tensors stacked."""
-        if args.moe is not None:
-            raise NotImplementedError("mixture-of-experts models are not supported yet")
         return cls(
             tok_embeddings=Embedding(get("tok_embeddings.weight")),
             layers=TransformerBlock.load(args, get, "layers."),

@@ -12,6 +12,7 @@ from torch import nn
 
 from checkpoint.args import ModelArgs
 from reference_torch.cache import RollingKVCache
+from reference_torch.moe import MoeLayer
 from reference_torch.rope import apply_rotary_emb, freqs_cis
 
 
@@ -94,7 +95,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.attention = Attention(args)
-        self.feed_forward = FeedForward(args)
+        self.feed_forward = MoeLayer(args, FeedForward) if args.moe else FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
@@ -108,8 +109,6 @@ class TransformerBlock(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        if args.moe is not None:
-            raise NotImplementedError("mixture-of-experts models are not supported yet")
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))

@@ -8,6 +8,7 @@ import torch
 from conftest import random_tokens, relative_error, relative_l2, tiny_args
 
 import reference_torch
+from checkpoint.args import MoeArgs
 from model_jax import load_model
 from verify.gates import Thresholds
 
@@ -19,6 +20,7 @@ CONFIGS = {
     "no-window": tiny_args(sliding_window=None),
     "rope-theta-1e6": tiny_args(rope_theta=1e6),
     "head-dim-not-dim-over-heads": tiny_args(head_dim=24),
+    "mixtral-moe": tiny_args(moe=MoeArgs(num_experts=4, num_experts_per_tok=2)),
 }
 SEQ = 40  # ≥ 3·W for the windowed config
 

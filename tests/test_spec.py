@@ -7,32 +7,11 @@ import jax.numpy as jnp
 import torch
 
 import reference_torch
-from checkpoint.args import ModelArgs
+from checkpoint.presets import PRESETS
 from checkpoint.spec import tensor_spec
 from model_jax.model import Transformer
 
-V01 = ModelArgs(
-    dim=4096,
-    n_layers=32,
-    head_dim=128,
-    hidden_dim=14336,
-    n_heads=32,
-    n_kv_heads=8,
-    norm_eps=1e-5,
-    vocab_size=32000,
-    sliding_window=4096,
-)
-NEMO = ModelArgs(
-    dim=5120,
-    n_layers=40,
-    head_dim=128,
-    hidden_dim=14336,
-    n_heads=32,
-    n_kv_heads=8,
-    norm_eps=1e-5,
-    vocab_size=131072,
-    rope_theta=1e6,
-)
+V01, NEMO = PRESETS["7b-v0.1"], PRESETS["nemo-12b"]
 
 
 def test_7b_v01_spec_has_291_tensors_and_7_241_732_096_parameters():
