@@ -6,6 +6,7 @@ from pathlib import Path
 from checkpoint.errors import CheckpointError
 from checkpoint.folder import INDEX_NAME, open_folder
 from convert.manifest import MANIFEST_NAME, read_manifest, sha256_file
+from convert.sources import open_source
 
 
 def check_converted(out: str | Path) -> list[str]:
@@ -33,7 +34,7 @@ def check_converted(out: str | Path) -> list[str]:
     unlisted = sorted(p.name for p in out.glob("*.safetensors") if p.name not in manifest["files"])
     problems += [f"{out / name}: not listed in the manifest" for name in unlisted]
     try:
-        folder = open_folder(out)
+        folder = open_source(out) if manifest.get("layout") == "hf" else open_folder(out)
     except CheckpointError as err:
         return [*problems, str(err)]
     index = json.loads((out / INDEX_NAME).read_text())

@@ -34,11 +34,20 @@ def _fail(message: str) -> None:
     show_default=True,
     help="keep: byte-identical copy of every tensor.",
 )
+@click.option(
+    "--format",
+    "layout",
+    type=click.Choice(["official", "hf"]),
+    default="official",
+    show_default=True,
+    help="hf: transformers layout (HF names, config.json, wq/wk permuted).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--check", "check", is_flag=True, help="Verify OUT against its manifest.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def main(paths, max_shard_size, dtype, overwrite, check, as_json) -> None:
-    """Convert an official Mistral checkpoint folder SRC into sharded safetensors in OUT."""
+def main(paths, max_shard_size, dtype, layout, overwrite, check, as_json) -> None:
+    """Convert a Mistral checkpoint folder SRC (official, or HF transformers) into sharded
+    safetensors in OUT."""
     if check:
         if len(paths) != 1:
             _fail("--check takes exactly one folder: mistral-convert --check OUT")
@@ -62,6 +71,7 @@ def main(paths, max_shard_size, dtype, overwrite, check, as_json) -> None:
             max_shard_size=max_shard_size,
             dtype=dtype,
             overwrite=overwrite,
+            layout=layout,
             progress=Progress(),
         )
     except CheckpointError as err:

@@ -17,17 +17,19 @@ from pathlib import Path
 import numpy as np
 
 from checkpoint.errors import CheckpointError
-from checkpoint.folder import INDEX_NAME, CheckpointFolder, open_folder
+from checkpoint.folder import INDEX_NAME
+from checkpoint.hf import hf_config, interleaved_to_halves, rotary_heads, to_hf_name
 from checkpoint.tensors import NUMPY_DTYPES, TensorRecord
 from checkpoint.tokenizer import Tokenizer
 from convert.manifest import sha256_file, write_manifest
 from convert.progress import Progress
 from convert.safetensors_header import header_bytes
 from convert.sharding import parse_size, plan_shards, shard_name
+from convert.sources import Source, Transform, open_source
 from convert.stream import CHUNK_BYTES, HashingWriter
 
 TARGET_DTYPES = {"keep": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-COPIED_FILES = ("params.json", "tokenizer.model")
+LAYOUTS = ("official", "hf")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,11 +49,14 @@ def convert_checkpoint(
     max_shard_size: str | int = "5GB",
     dtype: str | None = None,
     overwrite: bool = False,
+    layout: str = "official",
     progress: Progress | None = None,
 ) -> ConvertSummary:
     """Convert the checkpoint folder `src` into `out`; CheckpointError on bad input.
 
-    `progress` is told the total tensor bytes, then every chunk written.
+    `src` is an official folder or an HF transformers folder; `layout` "official" writes
+    official names (byte copies), "hf" writes HF names, config.json and wq/wk permuted for
+    rotate_half. `progress` is told the total tensor bytes, then every chunk written.
     """
     start = time.perf_counter()
     src, out = Path(src), Path(out)
@@ -59,7 +64,9 @@ def convert_checkpoint(
         raise ValueError(f"dtype must be one of {', '.join(TARGET_DTYPES)}, got {dtype!r}")
     target = TARGET_DTYPES[dtype or "keep"]
     max_bytes = parse_size(max_shard_size)
-    checkpoint = open_folder(src)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    checkpoint = open_source(src)
     _check_tokenizer(src / "tokenizer.model", checkpoint.args.vocab_size)
     if out.exists() and not overwrite:
         raise CheckpointError(out, "already exists (pass --overwrite to replace it)")
@@ -72,13 +79,14 @@ def convert_checkpoint(
     progress = progress or Progress(enabled=False)
     progress.start(sum(_out_nbytes(r, target) for r in checkpoint.tensors.values()))
     try:
-        files, shards = _write_folder(checkpoint, partial, target, max_bytes, progress)
+        files, shards = _write_folder(checkpoint, partial, target, max_bytes, layout, progress)
         source = {
             "folder": str(src.resolve()),
+            "layout": checkpoint.layout,
             "weights": [{"file": p.name, "bytes": p.stat().st_size} for p in checkpoint.weights],
             "dtype": sorted({r.dtype for r in checkpoint.tensors.values()}),
         }
-        write_manifest(partial, files, source | {"converted_to": target or "keep"})
+        write_manifest(partial, files, source | {"converted_to": target or "keep"}, layout)
         _publish(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -121,16 +129,44 @@ def _out_nbytes(record: TensorRecord, target: str | None) -> int:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Planned:
+    """One output tensor: its name, where its bytes come from, and what to do to them."""
+
+    name: str
+    record: TensorRecord
+    transform: Transform | None  # None: the bytes are copied (or cast) as they are
+
+
+def _plan(checkpoint: Source, layout: str) -> list[_Planned]:
+    planned = []
+    for name, record in checkpoint.tensors.items():
+        fix = checkpoint.transforms.get(name)
+        if layout == "official":
+            planned.append(_Planned(name, record, fix))
+            continue
+        heads = rotary_heads(name, checkpoint.args)
+        transform = fix
+        if heads:
+
+            def transform(w, fix=fix, heads=heads):
+                return interleaved_to_halves(fix(w) if fix else w, heads)
+
+        planned.append(_Planned(to_hf_name(name), record, transform))
+    return planned
+
+
 def _write_folder(
-    checkpoint: CheckpointFolder,
+    checkpoint: Source,
     folder: Path,
     target: str | None,
     max_bytes: int,
+    layout: str,
     progress: Progress,
 ) -> tuple[dict[str, dict], int]:
-    """Write shards, index and copied files; return {file: {sha256, bytes}} and shard count."""
-    records = checkpoint.tensors
-    plan = plan_shards({k: _out_nbytes(r, target) for k, r in records.items()}, max_bytes)
+    """Write shards, index and the small files; return {file: {sha256, bytes}}, shard count."""
+    planned = {p.name: p for p in _plan(checkpoint, layout)}
+    plan = plan_shards({k: _out_nbytes(p.record, target) for k, p in planned.items()}, max_bytes)
     files: dict[str, dict] = {}
     weight_map: dict[str, str] = {}
     with ExitStack() as stack:
@@ -142,15 +178,14 @@ def _write_folder(
         for i, names in enumerate(plan):
             name = shard_name(i, len(plan))
             files[name] = _write_shard(
-                folder / name, [records[n] for n in names], fds, target, progress
+                folder / name, [planned[n] for n in names], fds, target, progress
             )
             weight_map |= dict.fromkeys(names, name)
-    total = sum(_out_nbytes(r, target) for r in records.values())
+    total = sum(_out_nbytes(p.record, target) for p in planned.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    for name in COPIED_FILES:
-        shutil.copyfile(checkpoint.path / name, folder / name)
-    for name in (INDEX_NAME, *COPIED_FILES):
+    small = _write_small_files(checkpoint, folder, target, layout)
+    for name in (INDEX_NAME, *small):
         files[name] = {
             "sha256": sha256_file(folder / name),
             "bytes": (folder / name).stat().st_size,
@@ -158,9 +193,27 @@ def _write_folder(
     return files, len(plan)
 
 
+def _write_small_files(checkpoint: Source, folder: Path, target: str | None, layout: str):
+    """tokenizer.model, and params.json (official) or config.json (hf); returns their names."""
+    shutil.copyfile(checkpoint.path / "tokenizer.model", folder / "tokenizer.model")
+    if layout == "hf":
+        dtypes = {_out_dtype(r, target) for r in checkpoint.tensors.values()}
+        torch_dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(
+            dtypes.pop() if len(dtypes) == 1 else "", "float32"
+        )
+        config = hf_config(checkpoint.args, torch_dtype)
+        (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        return ("config.json", "tokenizer.model")
+    if checkpoint.layout == "official":
+        shutil.copyfile(checkpoint.path / "params.json", folder / "params.json")
+    else:
+        checkpoint.args.to_json(folder / "params.json")
+    return ("params.json", "tokenizer.model")
+
+
 def _write_shard(
     path: Path,
-    records: list[TensorRecord],
+    planned: list[_Planned],
     fds: dict[Path, int],
     target: str | None,
     progress: Progress,
@@ -168,11 +221,16 @@ def _write_shard(
     writer = HashingWriter(path, progress)
     try:
         entries = [
-            (r.name, _out_dtype(r, target), r.shape, _out_nbytes(r, target)) for r in records
+            (p.name, _out_dtype(p.record, target), p.record.shape, _out_nbytes(p.record, target))
+            for p in planned
         ]
         writer.write(header_bytes(entries, {"format": "pt"}))
-        for record in records:
-            if _out_dtype(record, target) == record.dtype:
+        for p in planned:
+            record = p.record
+            if p.transform is not None:
+                array = _cast(p.transform(record.read()), record, target)
+                writer.write(np.ascontiguousarray(array).tobytes())
+            elif _out_dtype(record, target) == record.dtype:
                 writer.copy_from(fds[record.path], record.offset, record.nbytes)
             else:
                 _write_cast(writer, fds[record.path], record, target)
@@ -184,17 +242,23 @@ def _write_shard(
 
 def _write_cast(writer: HashingWriter, fd: int, record: TensorRecord, target: str) -> None:
     """Cast a tensor chunk by chunk (never the whole tensor in memory)."""
-    src, dst = NUMPY_DTYPES[record.dtype], NUMPY_DTYPES[target]
+    src = NUMPY_DTYPES[record.dtype]
     step = max(1, CHUNK_BYTES // src.itemsize)
     numel = record.nbytes // src.itemsize
     for first in range(0, numel, step):
         count = min(step, numel - first)
         raw = os.pread(fd, count * src.itemsize, record.offset + first * src.itemsize)
-        values = np.frombuffer(raw, src)
-        cast = values.astype(dst)
-        if not np.isfinite(cast).all() and np.isfinite(values).all():
-            raise CheckpointError(record.path, f"tensor {record.name} overflows {target}")
-        writer.write(cast.tobytes())
+        writer.write(_cast(np.frombuffer(raw, src), record, target).tobytes())
+
+
+def _cast(values: np.ndarray, record: TensorRecord, target: str | None) -> np.ndarray:
+    """`values` in the target dtype; CheckpointError if finite values overflow it."""
+    if target is None or target == record.dtype:
+        return values
+    cast = values.astype(NUMPY_DTYPES[target])
+    if not np.isfinite(cast).all() and np.isfinite(values).all():
+        raise CheckpointError(record.path, f"tensor {record.name} overflows {target}")
+    return cast
 
 
 def _publish(partial: Path, out: Path) -> None:

@@ -18,8 +18,8 @@ def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
     return sha.hexdigest()
 
 
-def write_manifest(folder: Path, files: dict[str, dict], source: dict) -> None:
-    manifest = {"format": FORMAT, "source": source, "files": files}
+def write_manifest(folder: Path, files: dict[str, dict], source: dict, layout: str) -> None:
+    manifest = {"format": FORMAT, "layout": layout, "source": source, "files": files}
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
 
