@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(BIN)/mistral-tiny demo/mistral-tiny
 	$(BIN)/mistral-convert demo/mistral-tiny demo/mistral-tiny-jax
 	$(BIN)/mistral-convert --check demo/mistral-tiny-jax
-	$(BIN)/mistral-verify --reference demo/mistral-tiny --converted demo/mistral-tiny-jax
+	$(BIN)/mistral-verify --reference demo/mistral-tiny --converted demo/mistral-tiny-jax --peer hf
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -133,3 +133,17 @@ def test_stream_layers_never_loads_a_whole_state_dict(clean, monkeypatch):
     monkeypatch.setattr(runners, "read_state_dict", whole_file_loader)
     result = run_verification(source, out, prompts=PROMPTS[:1], stream_layers=True)
     assert result["verdict"] == "pass" and result["generation"] is None
+
+
+def test_hf_peer_adds_columns_that_agree_with_the_reference(clean):
+    pytest.importorskip("transformers")
+    source, out = clean
+    result = run_verification(source, out, prompts=PROMPTS, stream_layers=True, peer="hf")
+    assert result["verdict"] == "pass" and result["peer"] == "hf"
+    peer_logits = result["logits"]["peer"]
+    assert peer_logits["fp32_rel_l2"] <= 1e-5
+    assert peer_logits["bf16_error_over_floor"] <= 1.25
+    blocks = [e for e in result["layers"] if "peer_rel_l2" in e]
+    assert len(blocks) == ARGS.n_layers - 1  # the peer's last block output comes normed
+    assert all(e["peer_fp32_rel_l2"] <= 1e-5 for e in blocks)
+    assert result["final_norm"]["peer_fp32_rel_l2"] <= 1e-5

@@ -52,6 +52,11 @@ from verify.run import run_verification
     help="Hold one block of each model at a time (skips generation agreement).",
 )
 @click.option("--thresholds", help="Override gates: name=value,... (see verify/gates.py).")
+@click.option(
+    "--peer",
+    type=click.Choice(["hf"]),
+    help="Add HF transformers as a third implementation (needs transformers).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 def main(
     reference,
@@ -63,6 +68,7 @@ def main(
     report_dir,
     stream_layers,
     thresholds,
+    peer,
     as_json,
 ) -> None:
     """Compare the torch reference on REFERENCE with the JAX model on CONVERTED."""
@@ -86,6 +92,7 @@ def main(
             max_new_tokens=max_new_tokens,
             stream_layers=stream_layers,
             thresholds=Thresholds.parse(thresholds),
+            peer=peer,
         )
     except CheckpointError as err:
         click.echo(f"error: {err}", err=True)

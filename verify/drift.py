@@ -19,17 +19,29 @@ STREAMS = ("R32", "R16", "P32", "P16")
 
 
 def layer_drift(
-    reference: TorchLayers, port: JaxLayers, prompts: list[list[int]], dtype: str
+    reference: TorchLayers,
+    port: JaxLayers,
+    prompts: list[list[int]],
+    dtype: str,
+    peer: dict[str, list[list[np.ndarray]]] | None = None,
 ) -> tuple[list[dict], dict[str, np.ndarray]]:
-    """Per-layer entries (embeddings, every block, final norm) and each stream's logits."""
+    """Per-layer entries (embeddings, every block, final norm) and each stream's logits.
+
+    `peer[dtype][prompt]`: a third implementation's L+1 hidden states (embeddings, after each
+    block but the last, final norm), compared free-running where they exist.
+    """
     n_layers = reference.args.n_layers
+
+    def peer_at(k: int) -> dict | None:
+        return None if peer is None else {d: [p[k] for p in per] for d, per in peer.items()}
+
     state = {
         "R32": [reference.embed(p, "float32") for p in prompts],
         "R16": [reference.embed(p, "bfloat16") for p in prompts],
         "P32": [port.embed(p, "float32") for p in prompts],
         "P16": [port.embed(p, "bfloat16") for p in prompts],
     }
-    entries = [_entry("embeddings", None, state, None, dtype)]
+    entries = [_entry("embeddings", None, state, None, dtype, peer_at(0))]
     for i in range(n_layers):
         blocks = {
             "R32": (reference, reference.block(i, "float32"), "float32"),
@@ -48,7 +60,8 @@ def layer_drift(
             "F16": run("R16", state["R32"]),
         }
         state = {stream: run(stream, state[stream]) for stream in STREAMS}
-        entries.append(_entry(f"block {i}", i, state, forced, dtype))
+        peer_block = peer_at(i + 1) if i < n_layers - 1 else None  # the peer's last is normed
+        entries.append(_entry(f"block {i}", i, state, forced, dtype, peer_block))
         del blocks, run  # free this block's weights before the next block is read
     heads = {
         "R32": (reference, "float32"),
@@ -62,11 +75,18 @@ def layer_drift(
         outs = [runner.head(h, stream_dtype) for h in state[stream]]
         normed[stream] = [o[0] for o in outs]
         logits[stream] = np.concatenate([o[1] for o in outs])
-    entries.append(_entry("final norm", None, normed, None, dtype))
+    entries.append(_entry("final norm", None, normed, None, dtype, peer_at(n_layers)))
     return entries, logits
 
 
-def _entry(name: str, index: int | None, state: dict, forced: dict | None, dtype: str) -> dict:
+def _entry(
+    name: str,
+    index: int | None,
+    state: dict,
+    forced: dict | None,
+    dtype: str,
+    peer: dict | None = None,
+) -> dict:
     cat = {k: np.concatenate(v) for k, v in state.items()}
     port, ref = ("P16", "R16") if dtype == "bfloat16" else ("P32", "R32")
     floor = relative_l2(cat["R16"], cat["R32"])
@@ -78,6 +98,13 @@ def _entry(name: str, index: int | None, state: dict, forced: dict | None, dtype
         "bf16_error_over_floor": _ratio(relative_l2(cat["P16"], cat["R32"]), floor),
         "fp32_rel_l2": relative_l2(cat["P32"], cat["R32"]),
     }
+    if peer is not None:
+        hf = {d: np.concatenate(v) for d, v in peer.items()}
+        entry |= {
+            "peer_rel_l2": relative_l2(hf[dtype], cat[ref]),
+            "peer_bf16_error_over_floor": _ratio(relative_l2(hf["bfloat16"], cat["R32"]), floor),
+            "peer_fp32_rel_l2": relative_l2(hf["float32"], cat["R32"]),
+        }
     if forced is not None:
         f = {k: np.concatenate(v) for k, v in forced.items()}
         tf_floor = relative_l2(f["F16"], cat["R32"])

@@ -48,46 +48,48 @@ def markdown(r: dict) -> str:
         "ideal). *fp32*: port vs reference, both fp32.",
         "",
     ]
+    peer = r.get("peer")
     rows = []
     for e in [r["embeddings"], *r["layers"], r["final_norm"]]:
         tf = e.get("teacher_forced", {})
-        rows.append(
-            [
-                e["name"],
-                _g(e["free"]["rel_l2"]),
-                _g(e["free"]["max_abs"]),
-                _g(e["free"]["cosine"]),
-                _g(e["noise_floor"]),
-                _g(e["bf16_error_over_floor"]),
-                _g(tf.get("rel_l2")),
-                _g(e.get("teacher_forced_noise_floor")),
-                _g(e.get("teacher_forced_bf16_over_floor")),
-                _g(e["fp32_rel_l2"]),
-                _g(e.get("teacher_forced_fp32_rel_l2")),
-                {True: "pass", False: "FAIL"}.get(e.get("passed"), ""),
-            ]
-        )
-    lines += [
-        tabulate(
-            rows,
-            headers=[
-                "layer",
-                "free rel L2",
-                "free max|Δ|",
-                "free cos",
-                "floor",
-                "free ÷floor",
-                "TF rel L2",
-                "TF floor",
-                "TF ÷floor",
-                "fp32 free",
-                "fp32 TF",
-                "gate",
-            ],
-            tablefmt="github",
-        ),
-        "",
+        row = [
+            e["name"],
+            _g(e["free"]["rel_l2"]),
+            _g(e["free"]["max_abs"]),
+            _g(e["free"]["cosine"]),
+            _g(e["noise_floor"]),
+            _g(e["bf16_error_over_floor"]),
+            _g(tf.get("rel_l2")),
+            _g(e.get("teacher_forced_noise_floor")),
+            _g(e.get("teacher_forced_bf16_over_floor")),
+            _g(e["fp32_rel_l2"]),
+            _g(e.get("teacher_forced_fp32_rel_l2")),
+        ]
+        if peer:
+            row += [_g(e.get("peer_rel_l2")), _g(e.get("peer_fp32_rel_l2"))]
+        rows.append([*row, {True: "pass", False: "FAIL"}.get(e.get("passed"), "")])
+    headers = [
+        "layer",
+        "free rel L2",
+        "free max|Δ|",
+        "free cos",
+        "floor",
+        "free ÷floor",
+        "TF rel L2",
+        "TF floor",
+        "TF ÷floor",
+        "fp32 free",
+        "fp32 TF",
     ]
+    if peer:
+        headers += [f"{peer} rel L2", f"{peer} fp32"]
+    lines += [tabulate(rows, headers=[*headers, "gate"], tablefmt="github"), ""]
+    if peer:
+        lines += [
+            f"*{peer} rel L2 / fp32*: the {peer} peer (free-running) vs the reference; "
+            "its last block's output comes normed, so it is shown at the final norm.",
+            "",
+        ]
     lg = r["logits"]
     lines += [
         "## Logits",
@@ -118,6 +120,15 @@ def markdown(r: dict) -> str:
         ),
         "",
     ]
+    if "peer" in lg:
+        pl = lg["peer"]
+        lines += [
+            f"Peer ({peer}) vs reference ({r['dtype']}): KL mean {pl['kl_mean']:.3g}, same "
+            f"top-1 {100 * pl['same_top1']:.2f} %, max |Δlogit| "
+            f"{pl['max_abs_logit_diff']:.3g}; bf16 error ÷ floor "
+            f"{pl['bf16_error_over_floor']:.3g}; fp32 relative L2 {pl['fp32_rel_l2']:.3g}.",
+            "",
+        ]
     lines += _generation_section(r["generation"])
     checks = r["checksums"]
     lines += [

@@ -17,6 +17,7 @@ from verify.drift import layer_drift
 from verify.gates import Thresholds
 from verify.generation import generation_agreement, load_for_generation
 from verify.metrics import logit_metrics, relative_l2
+from verify.peer import hf_peer_outputs
 from verify.prompts import BUILTIN_PROMPTS
 from verify.runners import JaxLayers, TorchLayers
 
@@ -41,13 +42,15 @@ def run_verification(
     max_new_tokens: int = 32,
     stream_layers: bool = False,
     thresholds: Thresholds | None = None,
+    peer: str | None = None,
 ) -> dict:
     """Compare the torch reference on `reference` with the JAX port on `converted`.
 
     Returns the whole report as a dict: `verdict`, `reasons`, `first_failing_layer`, `layers`,
     `logits`, `generation`, `checksums`, `environment`. With `stream_layers` only one block of
     each model is resident at a time and generation agreement (which needs whole models) is
-    skipped.
+    skipped. `peer="hf"` adds HF transformers as a third implementation (informational
+    columns, not gated).
     """
     start = time.perf_counter()
     reference, converted = Path(reference), Path(converted)
@@ -59,12 +62,18 @@ def run_verification(
     token_prompts = [tokenizer.encode(t) for t in texts]
 
     checksum_problems = check_converted(converted)
+    peer_states = peer_logits = None
+    if peer == "hf":
+        peer_states, peer_logits = hf_peer_outputs(reference, token_prompts, torch_device)
+    elif peer is not None:
+        raise ValueError(f"unknown peer {peer!r} (supported: hf)")
     with jax.default_device(jax_device):
         layers, logits = layer_drift(
             TorchLayers(reference, torch_device, stream=stream_layers),
             JaxLayers(converted, jax_device),
             token_prompts,
             dtype,
+            peer_states,
         )
     port_key, ref_key = ("P16", "R16") if dtype == "bfloat16" else ("P32", "R32")
     logit_report = logit_metrics(logits[port_key], logits[ref_key]) | {
@@ -73,6 +82,12 @@ def run_verification(
         / relative_l2(logits["R16"], logits["R32"]),
         "fp32_rel_l2": relative_l2(logits["P32"], logits["R32"]),
     }
+    if peer_logits is not None:
+        logit_report["peer"] = logit_metrics(peer_logits[dtype], logits[ref_key]) | {
+            "bf16_error_over_floor": relative_l2(peer_logits["bfloat16"], logits["R32"])
+            / relative_l2(logits["R16"], logits["R32"]),
+            "fp32_rel_l2": relative_l2(peer_logits["float32"], logits["R32"]),
+        }
     generation = None
     if not stream_layers:
         ref_model, port_model = load_for_generation(
@@ -109,6 +124,7 @@ def run_verification(
         "model_args": args.to_dict(),
         "dtype": dtype,
         "stream_layers": stream_layers,
+        "peer": peer,
         "environment": _environment(torch_device, jax_device),
         "seconds": time.perf_counter() - start,
     }

@@ -1,0 +1,42 @@
+"""A third implementation for the report: HF transformers, run on the same prompts.
+
+The reference folder is exported with `mistral-convert --format hf` into a temporary folder and
+loaded with `AutoModelForCausalLM` in fp32 and bf16; its hidden states (embeddings, after each
+block but the last, final norm) and logits join the report as extra columns. transformers is an
+optional dependency (`pip install transformers`).
+"""
+
+import importlib
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from convert.convert import convert_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def hf_peer_outputs(reference: Path, prompts: list[list[int]], device: str):
+    """({dtype: per prompt, the L+1 hidden states}, {dtype: logits of all prompts})."""
+    try:
+        transformers = importlib.import_module("transformers")
+    except ModuleNotFoundError:
+        raise ValueError("--peer hf needs transformers: pip install transformers") from None
+    states, logits = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "hf"
+        convert_checkpoint(reference, folder, layout="hf")
+        for name, dtype in DTYPES.items():
+            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            model = model.to(device).eval()
+            states[name], per_prompt = [], []
+            with torch.inference_mode():
+                for prompt in prompts:
+                    out = model(torch.tensor([prompt], device=device), output_hidden_states=True)
+                    states[name].append([h[0].float().cpu().numpy() for h in out.hidden_states])
+                    per_prompt.append(out.logits[0].float().cpu().numpy())
+            logits[name] = np.concatenate(per_prompt)
+            del model
+    return states, logits
