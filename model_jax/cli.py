@@ -11,6 +11,7 @@ from checkpoint.errors import CheckpointError
 from checkpoint.tokenizer import Tokenizer
 from model_jax.generate import generate
 from model_jax.loading import load_model
+from model_jax.sharding import make_mesh
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 
@@ -39,12 +40,16 @@ class TextStreamer:
 @click.option("--top-k", default=0, show_default=True, help="0: no top-k filter.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True)
-def main(folder, prompts, max_new_tokens, temperature, top_p, top_k, seed, dtype) -> None:
+@click.option("--mesh", "mesh_spec", help="Shard over DATAxMODEL devices, e.g. 1x8.")
+def main(
+    folder, prompts, max_new_tokens, temperature, top_p, top_k, seed, dtype, mesh_spec
+) -> None:
     """Continue each PROMPT with the model in FOLDER (official or converted)."""
     try:
         tokenizer = Tokenizer(f"{folder}/tokenizer.model")
-        model = load_model(folder, dtype=DTYPES[dtype])
-    except CheckpointError as err:
+        mesh = make_mesh(mesh_spec) if mesh_spec else None
+        model = load_model(folder, dtype=DTYPES[dtype], mesh=mesh)
+    except (CheckpointError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     key = jax.random.key(seed)

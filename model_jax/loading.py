@@ -1,8 +1,10 @@
 """Load an official or converted folder into the Equinox model, tensor by tensor.
 
 Bytes are read through `checkpoint`'s restricted readers (no pickle code runs, no torch needed)
-as memory maps; each parameter is stacked over layers on the host, cast and moved to the device
-before the next one is read, so peak host memory is about one stacked parameter.
+as memory maps. The model asks for parameters by checkpoint name, where `layers.` without a
+block number means "stacked over all blocks" and `{e}` means "stacked over all experts"; each
+such parameter is assembled on the host, cast and placed before the next one is read. With a
+mesh, every device's slice is read on its own (see `model_jax.sharding`).
 """
 
 from pathlib import Path
@@ -10,29 +12,74 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jaxtyping import Array
 
+from checkpoint.args import ModelArgs
 from checkpoint.folder import open_folder
+from checkpoint.tensors import TensorRecord
 from model_jax.model import Transformer
+from model_jax.sharding import sharded_array
 
 
-def load_model(folder: str | Path, *, dtype=jnp.bfloat16) -> Transformer:
-    """The model of `folder` with every parameter in `dtype`; strict on keys and shapes."""
-    checkpoint = open_folder(folder)
-    args, records = checkpoint.args, checkpoint.tensors
-    used: set[str] = set()
+def stacked_names(name: str, args: ModelArgs) -> np.ndarray:
+    """Checkpoint names behind a requested parameter, as an array shaped like its stacking
+    axes: `layers.X` → (n_layers,), `...{e}...` → (..., num_experts)."""
+    names = np.array(name, dtype=object)
+    if name.startswith("layers.") and not name.split(".")[1].isdigit():
+        names = np.array([f"layers.{i}.{name[7:]}" for i in range(args.n_layers)], dtype=object)
+    if "{e}" in name:
+        experts = range(args.moe.num_experts)
+        names = np.vectorize(
+            lambda n: np.array([n.format(e=e) for e in experts], dtype=object),
+            otypes=[object],
+            signature="()->(n)",
+        )(names)
+    return names
+
+
+def make_getter(
+    records: dict[str, TensorRecord],
+    args: ModelArgs,
+    dtype,
+    mesh: Mesh | None = None,
+    used: set[str] | None = None,
+):
+    """name → array (stacked as `stacked_names` says), placed on the default device or, with
+    a mesh, sharded with each device reading only its slice."""
 
     def get(name: str) -> Array:
-        if name.startswith("layers."):
-            names = [f"layers.{i}.{name[len('layers.') :]}" for i in range(args.n_layers)]
-            host = np.stack([records[n].array() for n in names])
-        else:
-            names = [name]
-            host = records[name].array()
-        used.update(names)
-        return jax.device_put(jnp.asarray(host, dtype=dtype))
+        names = stacked_names(name, args)
+        inner = records[names.flat[0]].shape
+        shape = (*names.shape, *inner)
+        if used is not None:
+            used.update(names.flat)
 
-    model = Transformer.load(args, get)
-    unused = sorted(set(records) - used)
+        def read_slice(index: tuple[slice, ...]) -> np.ndarray:
+            index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+            lead, rest = index[: names.ndim], index[names.ndim :]
+            chosen = names[lead] if names.ndim else names
+            block = [records[n].array()[rest] for n in np.ravel(chosen)]
+            return np.stack(block).reshape(*np.shape(chosen), *block[0].shape)
+
+        if mesh is not None:
+            return sharded_array(name, shape, jnp.dtype(dtype), mesh, read_slice)
+        return jax.device_put(jnp.asarray(read_slice(()), dtype=dtype))
+
+    return get
+
+
+def load_model(folder: str | Path, *, dtype=jnp.bfloat16, mesh: Mesh | None = None) -> Transformer:
+    """The model of `folder` with every parameter in `dtype`; strict on keys and shapes.
+
+    With `mesh` (axes ("data", "model"), `model_jax.sharding.make_mesh`), weights are sharded
+    tensor-parallel over "model" and no host ever holds more than one slice of one parameter.
+    """
+    checkpoint = open_folder(folder)
+    used: set[str] = set()
+    model = Transformer.load(
+        checkpoint.args, make_getter(checkpoint.tensors, checkpoint.args, dtype, mesh, used)
+    )
+    unused = sorted(set(checkpoint.tensors) - used)
     assert not unused, f"checkpoint tensors not placed in the model: {unused}"
     return model

@@ -21,7 +21,9 @@ from model_jax.moe import MoeFeedForward
 from model_jax.rope import apply_rotary, rotary_angles
 
 HIGHEST = lax.Precision.HIGHEST  # fp32 matmuls stay fp32 on GPU/TPU (no TF32)
-Getter = Callable[[str], Array]  # checkpoint name → array
+# Checkpoint name → array; `layers.<name>` (no block number) is stacked over blocks and a name
+# holding `{e}` over experts (model_jax.loading.make_getter).
+Getter = Callable[[str], Array]
 
 
 class Linear(eqx.Module):
@@ -153,21 +155,16 @@ class TransformerBlock(eqx.Module):
 
 
 def _feed_forward(args: ModelArgs, get: Getter, prefix: str) -> FeedForward | MoeFeedForward:
-    """The dense FFN, or Mixtral's experts stacked on the axis before (out, in)."""
+    """The dense FFN, or Mixtral's experts (`{e}` in a name: stacked over experts)."""
 
-    def ffn(p: str, fetch: Getter = get) -> FeedForward:
-        return FeedForward(*(Linear(fetch(f"{p}{w}.weight")) for w in ("w1", "w2", "w3")))
+    def ffn(p: str) -> FeedForward:
+        return FeedForward(*(Linear(get(f"{p}{w}.weight")) for w in ("w1", "w2", "w3")))
 
     if args.moe is None:
         return ffn(f"{prefix}feed_forward.")
-    experts = range(args.moe.num_experts)
-
-    def stack(name: str) -> Array:  # name holds "{e}"
-        return jnp.stack([get(name.format(e=e)) for e in experts], axis=-3)
-
     return MoeFeedForward(
         gate=Linear(get(f"{prefix}feed_forward.gate.weight")),
-        experts=ffn(f"{prefix}feed_forward.experts.{{e}}.", stack),
+        experts=ffn(f"{prefix}feed_forward.experts.{{e}}."),
         num_experts_per_tok=args.moe.num_experts_per_tok,
     )
 

@@ -3,11 +3,14 @@
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from checkpoint.args import ModelArgs
+from checkpoint.spec import tensor_spec
 from checkpoint.tiny import write_tiny_checkpoint
+from model_jax.loading import stacked_names
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
@@ -24,6 +27,17 @@ BASE = ModelArgs(
     sliding_window=None,
     rope_theta=10000.0,
 )
+
+
+def zeros_getter(args: ModelArgs, dtype=jnp.float32):
+    """A model getter (see model_jax.loading) returning zeros of the spec's shapes."""
+    spec = tensor_spec(args)
+
+    def get(name):
+        names = stacked_names(name, args)
+        return jnp.zeros((*names.shape, *spec[names.flat[0]]), dtype)
+
+    return get
 
 
 def tiny_args(**changes) -> ModelArgs:

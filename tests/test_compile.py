@@ -4,22 +4,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from conftest import tiny_args
+from conftest import tiny_args, zeros_getter
 
-from checkpoint.spec import tensor_spec
 from model_jax import KVCache
 from model_jax.model import Transformer, run_layers
 
 
 def zeros_model(args) -> Transformer:
-    spec = tensor_spec(args)
-
-    def get(name):
-        if name.startswith("layers."):
-            return jnp.zeros((args.n_layers, *spec[f"layers.0.{name[7:]}"]), jnp.float32)
-        return jnp.zeros(spec[name], jnp.float32)
-
-    return Transformer.load(args, get)
+    return Transformer.load(args, zeros_getter(args))
 
 
 def program_size(n_layers: int, with_cache: bool) -> int:

@@ -18,8 +18,12 @@ FAMILY = {  # name: (tiny args, source weights format)
     "7b-v0.2": (tiny_args(vocab_size=32000, rope_theta=1e6), "pth"),
     "7b-v0.3": (tiny_args(vocab_size=32768, rope_theta=1e6), "safetensors"),
     "nemo": (tiny_args(vocab_size=32768, head_dim=24, rope_theta=1e6), "safetensors"),
-    "mixtral": (tiny_args(vocab_size=32000, rope_theta=1e6,
-                          moe=MoeArgs(num_experts=4, num_experts_per_tok=2)), "pth"),
+    "mixtral": (
+        tiny_args(
+            vocab_size=32000, rope_theta=1e6, moe=MoeArgs(num_experts=4, num_experts_per_tok=2)
+        ),
+        "pth",
+    ),
 }
 
 
@@ -46,6 +50,7 @@ def test_converted_member_matches_reference_fp32(member):
 
 def test_member_verifies(member):
     _, source, out = member
-    result = run_verification(source, out, prompts=["Hello there, general Kenobi"],
-                              stream_layers=True)
+    result = run_verification(
+        source, out, prompts=["Hello there, general Kenobi"], stream_layers=True
+    )
     assert result["verdict"] == "pass", result["reasons"]

@@ -18,8 +18,9 @@ from convert.convert import convert_checkpoint
 MEMBERS = {
     "mistral": tiny_args(vocab_size=32000, sliding_window=8),
     "mistral-head-dim": tiny_args(vocab_size=32768, head_dim=24, rope_theta=1e6),
-    "mixtral": tiny_args(vocab_size=32000, rope_theta=1e6,
-                         moe=MoeArgs(num_experts=4, num_experts_per_tok=2)),
+    "mixtral": tiny_args(
+        vocab_size=32000, rope_theta=1e6, moe=MoeArgs(num_experts=4, num_experts_per_tok=2)
+    ),
 }
 
 
@@ -55,7 +56,8 @@ def test_hf_round_trip_is_byte_identical(exported, tmp_path):
     for name, record in theirs.items():
         assert ours[name].array().tobytes() == record.array().tobytes(), name
     assert json.loads((tmp_path / "back" / "params.json").read_text()) == json.loads(
-        (source / "params.json").read_text())
+        (source / "params.json").read_text()
+    )
 
 
 def test_hf_export_passes_check(exported):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from conftest import tiny_args
+from conftest import tiny_args, zeros_getter
 
 import reference_torch
 from checkpoint.args import MoeArgs
@@ -71,11 +71,7 @@ def test_mixtral_8x7b_spec_without_allocating():
         model = reference_torch.Transformer(MIXTRAL)
     assert {k: tuple(p.shape) for k, p in model.state_dict().items()} == spec
 
-    def get(name):
-        if name.startswith("layers."):
-            return jnp.zeros((MIXTRAL.n_layers, *spec[f"layers.0.{name[7:]}"]), jnp.bfloat16)
-        return jnp.zeros(spec[name], jnp.bfloat16)
-
+    get = zeros_getter(MIXTRAL, jnp.bfloat16)
     skeleton = jax.eval_shape(lambda: Transformer.load(MIXTRAL, get))
     w1 = skeleton.layers.feed_forward.experts.w1.weight
     assert w1.shape == (32, 8, 14336, 4096)

@@ -5,6 +5,7 @@ import math
 import jax
 import jax.numpy as jnp
 import torch
+from conftest import zeros_getter
 
 import reference_torch
 from checkpoint.presets import PRESETS
@@ -36,13 +37,7 @@ def test_torch_reference_on_meta_matches_spec():
 
 
 def test_jax_model_skeleton_matches_spec_without_allocating():
-    spec = tensor_spec(V01)
-
-    def get(name):
-        if name.startswith("layers."):
-            return jnp.zeros((V01.n_layers, *spec[f"layers.0.{name[7:]}"]), jnp.bfloat16)
-        return jnp.zeros(spec[name], jnp.bfloat16)
-
+    get = zeros_getter(V01, jnp.bfloat16)
     skeleton = jax.eval_shape(lambda: Transformer.load(V01, get))
     leaves = jax.tree_util.tree_leaves_with_path(skeleton)
     assert sum(math.prod(leaf.shape) for _, leaf in leaves) == 7_241_732_096

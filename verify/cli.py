@@ -57,6 +57,7 @@ from verify.run import run_verification
     type=click.Choice(["hf"]),
     help="Add HF transformers as a third implementation (needs transformers).",
 )
+@click.option("--mesh", help="Shard the JAX model over DATAxMODEL devices, e.g. 1x8.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
 def main(
     reference,
@@ -69,6 +70,7 @@ def main(
     stream_layers,
     thresholds,
     peer,
+    mesh,
     as_json,
 ) -> None:
     """Compare the torch reference on REFERENCE with the JAX model on CONVERTED."""
@@ -93,6 +95,7 @@ def main(
             stream_layers=stream_layers,
             thresholds=Thresholds.parse(thresholds),
             peer=peer,
+            mesh=mesh,
         )
     except CheckpointError as err:
         click.echo(f"error: {err}", err=True)

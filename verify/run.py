@@ -13,6 +13,7 @@ import torch
 from checkpoint.folder import official_weights_file, open_folder
 from checkpoint.tokenizer import Tokenizer
 from convert.check import check_converted
+from model_jax.sharding import make_mesh
 from verify.drift import layer_drift
 from verify.gates import Thresholds
 from verify.generation import generation_agreement, load_for_generation
@@ -43,6 +44,7 @@ def run_verification(
     stream_layers: bool = False,
     thresholds: Thresholds | None = None,
     peer: str | None = None,
+    mesh: str | None = None,
 ) -> dict:
     """Compare the torch reference on `reference` with the JAX port on `converted`.
 
@@ -50,12 +52,13 @@ def run_verification(
     `logits`, `generation`, `checksums`, `environment`. With `stream_layers` only one block of
     each model is resident at a time and generation agreement (which needs whole models) is
     skipped. `peer="hf"` adds HF transformers as a third implementation (informational
-    columns, not gated).
+    columns, not gated). `mesh` ("DATAxMODEL", e.g. "1x8") shards the port's weights.
     """
     start = time.perf_counter()
     reference, converted = Path(reference), Path(converted)
     thresholds = thresholds or Thresholds()
     torch_device, jax_device = resolve_devices(device)
+    jax_mesh = make_mesh(mesh) if mesh else None
     args = open_folder(reference).args
     tokenizer = Tokenizer(reference / "tokenizer.model")
     texts = prompts or BUILTIN_PROMPTS
@@ -70,7 +73,7 @@ def run_verification(
     with jax.default_device(jax_device):
         layers, logits = layer_drift(
             TorchLayers(reference, torch_device, stream=stream_layers),
-            JaxLayers(converted, jax_device),
+            JaxLayers(converted, jax_device, jax_mesh),
             token_prompts,
             dtype,
             peer_states,
@@ -91,7 +94,7 @@ def run_verification(
     generation = None
     if not stream_layers:
         ref_model, port_model = load_for_generation(
-            reference, converted, dtype, torch_device, jax_device
+            reference, converted, dtype, torch_device, jax_device, jax_mesh
         )
         with jax.default_device(jax_device):
             generation = generation_agreement(ref_model, port_model, token_prompts, max_new_tokens)
@@ -125,6 +128,7 @@ def run_verification(
         "dtype": dtype,
         "stream_layers": stream_layers,
         "peer": peer,
+        "mesh": mesh,
         "environment": _environment(torch_device, jax_device),
         "seconds": time.perf_counter() - start,
     }

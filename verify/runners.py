@@ -13,9 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from checkpoint.args import ModelArgs
 from checkpoint.folder import open_folder
+from model_jax.loading import make_getter
 from model_jax.model import Linear, RMSNorm, TransformerBlock
 from model_jax.rope import rotary_angles
 from reference_torch import model as torch_model
@@ -97,15 +99,13 @@ class TorchLayers:
 class JaxLayers:
     """The port (converted folder), block by block."""
 
-    def __init__(self, folder: Path, device: jax.Device):
+    def __init__(self, folder: Path, device: jax.Device, mesh: Mesh | None = None):
         checkpoint = open_folder(folder)
         self.args, self.records, self.device = checkpoint.args, checkpoint.tensors, device
+        self.mesh = mesh  # weights sharded over it; activations follow (XLA SPMD)
 
     def _get(self, dtype: str):
-        # Cast on the device: no host-side float32 copy of the weights.
-        return lambda name: jax.device_put(self.records[name].read(), self.device).astype(
-            JAX_DTYPES[dtype]
-        )
+        return make_getter(self.records, self.args, JAX_DTYPES[dtype], self.mesh)
 
     def embed(self, tokens: list[int], dtype: str) -> np.ndarray:
         table = self.records["tok_embeddings.weight"].array()
@@ -114,8 +114,13 @@ class JaxLayers:
     def block(self, i: int, dtype: str) -> TransformerBlock:
         return TransformerBlock.load(self.args, self._get(dtype), f"layers.{i}.")
 
+    def _place(self, h: np.ndarray, dtype: str) -> jax.Array:
+        """Activations on the device, or replicated over the mesh the weights are sharded on."""
+        where = self.device if self.mesh is None else NamedSharding(self.mesh, PartitionSpec())
+        return jax.device_put(jnp.asarray(h, JAX_DTYPES[dtype]), where)
+
     def run_block(self, block, h: np.ndarray, dtype: str) -> np.ndarray:
-        x = jax.device_put(jnp.asarray(h, JAX_DTYPES[dtype]), self.device)
+        x = self._place(h, dtype)
         return np.asarray(
             _jax_block(block, x, self.args.head_dim, self.args.rope_theta), np.float32
         )
@@ -126,7 +131,7 @@ class JaxLayers:
         normed, logits = _jax_head(
             norm,
             Linear(get("output.weight")),
-            jax.device_put(jnp.asarray(h, JAX_DTYPES[dtype]), self.device),
+            self._place(h, dtype),
         )
         return np.asarray(normed, np.float32), np.asarray(logits)
 
