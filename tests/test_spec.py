@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import pytest
 import torch
 from conftest import zeros_getter
 
@@ -43,3 +44,15 @@ def test_jax_model_skeleton_matches_spec_without_allocating():
     assert sum(math.prod(leaf.shape) for _, leaf in leaves) == 7_241_732_096
     wq = skeleton.layers.attention.wq.weight
     assert (wq.shape, wq.dtype) == ((32, 4096, 4096), jnp.bfloat16)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_published_shape_matches_in_both_models_without_allocating(name):
+    args = PRESETS[name]
+    spec = tensor_spec(args)
+    with torch.device("meta"):
+        model = reference_torch.Transformer(args)
+    assert {k: tuple(p.shape) for k, p in model.state_dict().items()} == spec
+    skeleton = jax.eval_shape(lambda: Transformer.load(args, zeros_getter(args, jnp.bfloat16)))
+    leaves = jax.tree_util.tree_leaves(skeleton)
+    assert sum(math.prod(x.shape) for x in leaves) == sum(math.prod(s) for s in spec.values())
