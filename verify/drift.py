@@ -72,7 +72,7 @@ def layer_drift(
     logits = {}
     normed = {}
     for stream, (runner, stream_dtype) in heads.items():
-        outs = [runner.head(h, stream_dtype) for h in state[stream]]
+        outs = runner.head(state[stream], stream_dtype)
         normed[stream] = [o[0] for o in outs]
         logits[stream] = np.concatenate([o[1] for o in outs])
     entries.append(_entry("final norm", None, normed, None, dtype, peer_at(n_layers)))

@@ -3,10 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 import model_jax
 import reference_torch
+from verify.runners import JAX_DTYPES, TORCH_DTYPES
 
 
 def generation_agreement(
@@ -50,11 +50,9 @@ def generation_agreement(
 def load_for_generation(
     reference_folder, converted_folder, dtype: str, device: str, jax_device, mesh=None
 ):
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     reference = reference_torch.Transformer.from_folder(
-        reference_folder, dtype=torch_dtype, device=device
+        reference_folder, dtype=TORCH_DTYPES[dtype], device=device
     )
-    jax_dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
     with jax.default_device(jax_device):
-        port = model_jax.load_model(converted_folder, dtype=jax_dtype, mesh=mesh)
+        port = model_jax.load_model(converted_folder, dtype=JAX_DTYPES[dtype], mesh=mesh)
     return reference, port

@@ -14,8 +14,7 @@ import numpy as np
 import torch
 
 from convert.convert import convert_checkpoint
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+from verify.runners import TORCH_DTYPES
 
 
 def hf_peer_outputs(reference: Path, prompts: list[list[int]], device: str):
@@ -28,7 +27,7 @@ def hf_peer_outputs(reference: Path, prompts: list[list[int]], device: str):
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "hf"
         convert_checkpoint(reference, folder, layout="hf")
-        for name, dtype in DTYPES.items():
+        for name, dtype in TORCH_DTYPES.items():
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
             model = model.to(device).eval()
             states[name], per_prompt = [], []

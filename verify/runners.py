@@ -86,14 +86,17 @@ class TorchLayers:
         return _to_numpy(block(x, cis, positions)[0][0])
 
     @torch.inference_mode()
-    def head(self, h: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
-        """Final norm and fp32 logits of the last block's output."""
+    def head(self, states: list[np.ndarray], dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Final norm and fp32 logits of each prompt's last block output (weights read once)."""
         norm = torch_model.RMSNorm(self.args.dim, self.args.norm_eps).to(self.device)
         norm.weight.data = self._weight("norm.weight", dtype)
-        x = torch.from_numpy(h).to(device=self.device, dtype=TORCH_DTYPES[dtype])
-        normed = norm(x)
-        logits = torch.nn.functional.linear(normed, self._weight("output.weight", dtype))
-        return _to_numpy(normed), _to_numpy(logits.float())
+        output = self._weight("output.weight", dtype)
+        results = []
+        for h in states:
+            normed = norm(torch.from_numpy(h).to(device=self.device, dtype=TORCH_DTYPES[dtype]))
+            logits = torch.nn.functional.linear(normed, output)
+            results.append((_to_numpy(normed), _to_numpy(logits.float())))
+        return results
 
 
 class JaxLayers:
@@ -125,15 +128,15 @@ class JaxLayers:
             _jax_block(block, x, self.args.head_dim, self.args.rope_theta), np.float32
         )
 
-    def head(self, h: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    def head(self, states: list[np.ndarray], dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Final norm and fp32 logits of each prompt's last block output (weights read once)."""
         get = self._get(dtype)
-        norm = RMSNorm(get("norm.weight"), self.args.norm_eps)
-        normed, logits = _jax_head(
-            norm,
-            Linear(get("output.weight")),
-            self._place(h, dtype),
-        )
-        return np.asarray(normed, np.float32), np.asarray(logits)
+        norm, output = RMSNorm(get("norm.weight"), self.args.norm_eps), Linear(get("output.weight"))
+        results = []
+        for h in states:
+            normed, logits = _jax_head(norm, output, self._place(h, dtype))
+            results.append((np.asarray(normed, np.float32), np.asarray(logits)))
+        return results
 
 
 @eqx.filter_jit
