@@ -21,7 +21,7 @@ setup: $(STAMP)
 # reports/mistral-tiny-jax-bfloat16-cpu/ (exit 1 on a parity failure).
 demo: $(STAMP)
 	rm -rf demo
-	$(BIN)/mistral-tiny demo/mistral-tiny
+	$(BIN)/mistral-tiny demo/mistral-tiny --weights trained-like
 	$(BIN)/mistral-convert demo/mistral-tiny demo/mistral-tiny-jax
 	$(BIN)/mistral-convert --check demo/mistral-tiny-jax
 	$(BIN)/mistral-verify --reference demo/mistral-tiny --converted demo/mistral-tiny-jax --peer hf

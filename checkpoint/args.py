@@ -70,11 +70,6 @@ class ModelArgs:
         if self.moe is not None and not isinstance(self.moe, MoeArgs):
             raise ValueError(f"moe must be MoeArgs, got {type(self.moe).__name__}")
 
-    @property
-    def n_rep(self) -> int:
-        """How many query heads share one key/value head (GQA group size)."""
-        return self.n_heads // self.n_kv_heads
-
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> "ModelArgs":
         """Build from a parsed params.json; unknown keys raise ValueError listing them."""

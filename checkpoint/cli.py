@@ -5,13 +5,15 @@ import sys
 import click
 
 from checkpoint.args import ModelArgs
+from checkpoint.cli_errors import OneLineErrors
 from checkpoint.errors import CheckpointError
 from checkpoint.presets import PRESETS, preset
 from checkpoint.synthetic import write_synthetic_checkpoint
 from checkpoint.tiny import TINY_ARGS, write_tiny_checkpoint
+from checkpoint.trained_like import trained_like_state_dict
 
 
-@click.command()
+@click.command(cls=OneLineErrors)
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option(
     "--params",
@@ -34,15 +36,28 @@ from checkpoint.tiny import TINY_ARGS, write_tiny_checkpoint
     default="pth",
     show_default=True,
 )
-def main(out, params_path, preset_name, n_layers, seed, weights_format) -> None:
-    """Write params.json, bf16 consolidated weights and tokenizer.model into OUT."""
+@click.option(
+    "--weights",
+    type=click.Choice(["random", "trained-like"]),
+    default="random",
+    show_default=True,
+    help="trained-like: massive activations at the first token and attention sinks, as "
+    "trained models have (checkpoint/trained_like.py); not with --preset.",
+)
+def main(out, params_path, preset_name, n_layers, seed, weights_format, weights) -> None:
+    """Write params.json, bf16 consolidated weights and a tokenizer into OUT."""
     try:
         if preset_name:
+            if weights != "random":
+                raise ValueError("--weights trained-like is for tiny configs, not --preset")
             args = preset(preset_name, n_layers=n_layers)
             folder = write_synthetic_checkpoint(out, args, seed=seed)
         else:
             args = ModelArgs.from_json(params_path) if params_path else TINY_ARGS
-            folder = write_tiny_checkpoint(out, args, seed=seed, weights_format=weights_format)
+            state = trained_like_state_dict(args, seed=seed) if weights == "trained-like" else None
+            folder = write_tiny_checkpoint(
+                out, args, seed=seed, weights_format=weights_format, state=state
+            )
     except (CheckpointError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -7,7 +7,6 @@ whatever the model size. The values repeat across tensors: fine for speed and me
 measurements and for parity runs, not a substitute for real weights.
 """
 
-import shutil
 from pathlib import Path
 
 import ml_dtypes
@@ -19,7 +18,7 @@ from checkpoint.args import ModelArgs
 from checkpoint.folder import PTH_NAME
 from checkpoint.pth import read_pth_table
 from checkpoint.spec import tensor_spec
-from checkpoint.tiny import bundled_tokenizer, init_distribution
+from checkpoint.tiny import copy_tokenizer, init_distribution
 
 BLOCK_ELEMENTS = 32 * 2**20
 
@@ -27,7 +26,7 @@ BLOCK_ELEMENTS = 32 * 2**20
 def write_synthetic_checkpoint(
     folder: str | Path, args: ModelArgs, *, seed: int = 0, tokenizer: str | Path | None = None
 ) -> Path:
-    """Write params.json, a bf16 consolidated.00.pth and tokenizer.model into `folder`."""
+    """Write params.json, a bf16 consolidated.00.pth and a tokenizer into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     args.to_json(folder / "params.json")
@@ -53,5 +52,5 @@ def write_synthetic_checkpoint(
                 f.write(piece.data)
                 remaining -= len(piece)
                 start = 0
-    shutil.copyfile(tokenizer or bundled_tokenizer(args.vocab_size), folder / "tokenizer.model")
+    copy_tokenizer(folder, args.vocab_size, tokenizer)
     return folder

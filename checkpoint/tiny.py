@@ -31,19 +31,35 @@ TINY_ARGS = ModelArgs(
     rope_theta=10000.0,
 )
 
-# The tokenizers mistral-common ships, by vocabulary size.
-_TOKENIZERS = {32000: "tokenizer.model.v1", 32768: "mistral_instruct_tokenizer_240323.model.v3"}
+# The tokenizers mistral-common ships, by vocabulary size, and the name each release folder
+# gives it (v0.1/v0.2: tokenizer.model; v0.3 and later sentencepiece: tokenizer.model.v3;
+# Nemo and later: tekken.json).
+_TOKENIZERS = {
+    32000: ("tokenizer.model.v1", "tokenizer.model"),
+    32768: ("mistral_instruct_tokenizer_240323.model.v3", "tokenizer.model.v3"),
+    131072: ("tekken_240718.json", "tekken.json"),
+}
 
 
 def bundled_tokenizer(vocab_size: int) -> Path:
     """Path of mistral-common's real Mistral tokenizer with this vocabulary size."""
     if vocab_size not in _TOKENIZERS:
-        raise ValueError(f"no bundled tokenizer with vocab_size {vocab_size}; pass tokenizer=")
-    try:
-        data = importlib.resources.files("mistral_common") / "data" / _TOKENIZERS[vocab_size]
-    except ModuleNotFoundError:
-        raise ValueError("the real tokenizers come with `pip install mistral-common`") from None
+        raise ValueError(
+            f"no real Mistral tokenizer has vocab_size {vocab_size} "
+            f"(bundled: {', '.join(map(str, _TOKENIZERS))}); pass tokenizer="
+        )
+    data = importlib.resources.files("mistral_common") / "data" / _TOKENIZERS[vocab_size][0]
     return Path(str(data))
+
+
+def copy_tokenizer(folder: Path, vocab_size: int, tokenizer: str | Path | None = None) -> None:
+    """Put a tokenizer into `folder` under the name its release uses."""
+    if tokenizer is None:
+        source, name = bundled_tokenizer(vocab_size), _TOKENIZERS[vocab_size][1]
+    else:
+        source = Path(tokenizer)
+        name = source.name
+    shutil.copyfile(source, folder / name)
 
 
 def init_distribution(name: str, shape: tuple[int, ...], logit_std: float = 8.0):
@@ -78,18 +94,20 @@ def write_tiny_checkpoint(
     weights_format: str = "pth",
     tokenizer: str | Path | None = None,
     logit_std: float = 8.0,
+    state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write params.json, consolidated weights and tokenizer.model into `folder`.
+    """Write params.json, consolidated weights and a tokenizer into `folder`.
 
-    `tokenizer`: a sentencepiece model file; by default mistral-common's real one for
-    vocab 32000/32768; for other vocabularies pass `tokenizer=False` to write none.
+    `state`: the weights to write (default `random_state_dict(args, seed, logit_std)`), cast
+    to `dtype`. `tokenizer`: a tokenizer file (copied under its own name); by default
+    mistral-common's real one for vocab 32000/32768/131072; `tokenizer=False` writes none.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     args.to_json(folder / "params.json")
-    state = {
-        k: v.to(dtype) for k, v in random_state_dict(args, seed=seed, logit_std=logit_std).items()
-    }
+    if state is None:
+        state = random_state_dict(args, seed=seed, logit_std=logit_std)
+    state = {k: v.to(dtype) for k, v in state.items()}
     if weights_format == "pth":
         torch.save(state, folder / PTH_NAME)
     elif weights_format == "safetensors":
@@ -97,5 +115,5 @@ def write_tiny_checkpoint(
     else:
         raise ValueError(f"weights_format must be 'pth' or 'safetensors', got {weights_format!r}")
     if tokenizer is not False:
-        shutil.copyfile(tokenizer or bundled_tokenizer(args.vocab_size), folder / "tokenizer.model")
+        copy_tokenizer(folder, args.vocab_size, tokenizer)
     return folder

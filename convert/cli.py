@@ -8,6 +8,7 @@ import sys
 
 import click
 
+from checkpoint.cli_errors import OneLineErrors
 from checkpoint.errors import CheckpointError
 from convert.check import check_converted
 from convert.convert import TARGET_DTYPES, convert_checkpoint
@@ -19,7 +20,7 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
-@click.command()
+@click.command(cls=OneLineErrors)
 @click.argument("paths", nargs=-1, metavar="SRC OUT | --check OUT")
 @click.option(
     "--max-shard-size",

@@ -67,7 +67,8 @@ def convert_checkpoint(
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
     checkpoint = open_source(src)
-    _check_tokenizer(src / "tokenizer.model", checkpoint.args.vocab_size)
+    tokenizer = Tokenizer.from_folder(src)
+    tokenizer.check_vocab(checkpoint.args.vocab_size, _params_file(src, checkpoint.layout))
     if out.exists() and not overwrite:
         raise CheckpointError(out, "already exists (pass --overwrite to replace it)")
     if out.exists() and not out.is_dir():
@@ -79,7 +80,9 @@ def convert_checkpoint(
     progress = progress or Progress(enabled=False)
     progress.start(sum(_out_nbytes(r, target) for r in checkpoint.tensors.values()))
     try:
-        files, shards = _write_folder(checkpoint, partial, target, max_bytes, layout, progress)
+        files, shards = _write_folder(
+            checkpoint, tokenizer.path, partial, target, max_bytes, layout, progress
+        )
         source = {
             "folder": str(src.resolve()),
             "layout": checkpoint.layout,
@@ -109,12 +112,8 @@ def _umask() -> int:
     return mask
 
 
-def _check_tokenizer(path: Path, vocab_size: int) -> None:
-    pieces = Tokenizer(path).vocab_size
-    if pieces != vocab_size:
-        raise CheckpointError(
-            path, f"vocabulary has {pieces} pieces but params.json vocab_size is {vocab_size}"
-        )
+def _params_file(src: Path, layout: str) -> Path:
+    return src / ("config.json" if layout == "hf" else "params.json")
 
 
 def _out_dtype(record: TensorRecord, target: str | None) -> str:
@@ -158,6 +157,7 @@ def _plan(checkpoint: Source, layout: str) -> list[_Planned]:
 
 def _write_folder(
     checkpoint: Source,
+    tokenizer: Path,
     folder: Path,
     target: str | None,
     max_bytes: int,
@@ -184,7 +184,7 @@ def _write_folder(
     total = sum(_out_nbytes(p.record, target) for p in planned.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    small = _write_small_files(checkpoint, folder, target, layout)
+    small = _write_small_files(checkpoint, tokenizer, folder, target, layout)
     for name in (INDEX_NAME, *small):
         files[name] = {
             "sha256": sha256_file(folder / name),
@@ -193,9 +193,12 @@ def _write_folder(
     return files, len(plan)
 
 
-def _write_small_files(checkpoint: Source, folder: Path, target: str | None, layout: str):
-    """tokenizer.model, and params.json (official) or config.json (hf); returns their names."""
-    shutil.copyfile(checkpoint.path / "tokenizer.model", folder / "tokenizer.model")
+def _write_small_files(
+    checkpoint: Source, tokenizer: Path, folder: Path, target: str | None, layout: str
+) -> tuple[str, str]:
+    """The tokenizer (under its own name) and params.json (official) or config.json (hf);
+    returns their names."""
+    shutil.copyfile(tokenizer, folder / tokenizer.name)
     if layout == "hf":
         dtypes = {_out_dtype(r, target) for r in checkpoint.tensors.values()}
         torch_dtype = {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(
@@ -203,12 +206,12 @@ def _write_small_files(checkpoint: Source, folder: Path, target: str | None, lay
         )
         config = hf_config(checkpoint.args, torch_dtype)
         (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        return ("config.json", "tokenizer.model")
+        return ("config.json", tokenizer.name)
     if checkpoint.layout == "official":
         shutil.copyfile(checkpoint.path / "params.json", folder / "params.json")
     else:
         checkpoint.args.to_json(folder / "params.json")
-    return ("params.json", "tokenizer.model")
+    return ("params.json", tokenizer.name)
 
 
 def _write_shard(

@@ -7,6 +7,7 @@ import click
 import jax
 import jax.numpy as jnp
 
+from checkpoint.cli_errors import OneLineErrors
 from checkpoint.errors import CheckpointError
 from checkpoint.tokenizer import Tokenizer
 from model_jax.generate import generate
@@ -31,7 +32,7 @@ class TextStreamer:
         self.printed = text
 
 
-@click.command()
+@click.command(cls=OneLineErrors)
 @click.argument("folder", type=click.Path(exists=True, file_okay=False))
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Repeat for more.")
 @click.option("--max-new-tokens", default=64, show_default=True)
@@ -46,9 +47,10 @@ def main(
 ) -> None:
     """Continue each PROMPT with the model in FOLDER (official or converted)."""
     try:
-        tokenizer = Tokenizer(f"{folder}/tokenizer.model")
+        tokenizer = Tokenizer.from_folder(folder)
         mesh = make_mesh(mesh_spec) if mesh_spec else None
         model = load_model(folder, dtype=DTYPES[dtype], mesh=mesh)
+        tokenizer.check_vocab(model.args.vocab_size, f"{folder}/params.json")
     except (CheckpointError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -25,9 +25,9 @@ DEFAULT_CHUNK = 2048  # for models without a sliding window
 EARLY_STOP_EVERY = 8  # steps between host checks for "every sequence hit EOS"
 
 
-def bucket(n: int) -> int:
-    """The smallest power of two ≥ n (at least MIN_BUCKET)."""
-    return max(MIN_BUCKET, 1 << (max(n, 1) - 1).bit_length())
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The smallest power of two ≥ n (at least `minimum`)."""
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 def generate(
@@ -72,15 +72,15 @@ def generate(
         )
         cache, logits = _prefill(
             model,
-            jnp.asarray(tokens),
-            jnp.asarray(positions),
+            jax.device_put(tokens),
+            jax.device_put(positions),
             cache,
-            jnp.asarray(last, jnp.int32),
+            jax.device_put(last.astype(np.int32)),
             logits,
         )
 
     choose = functools.partial(_choose, temperature=temperature, top_p=top_p, top_k=top_k)
-    positions = jnp.asarray(lengths, jnp.int32)
+    positions = jax.device_put(lengths.astype(np.int32))
     done = jnp.zeros(batch, bool)
     out_tokens, out_logprobs, out_live = [], [], []
     for step in range(max_new_tokens):
@@ -135,7 +135,7 @@ def _prefill(
 
     def one(tokens, positions, cache, last, previous):
         h, _, cache = run_layers(model, tokens, positions, cache, collect_hidden=False)
-        current = model.logits(h[jnp.maximum(last, 0)][None])[0]
+        current = model.head(h[jnp.maximum(last, 0)][None])[1][0]
         return cache, jnp.where(last >= 0, current, previous)
 
     return jax.vmap(one)(tokens, positions, cache, last, logits)
@@ -152,7 +152,7 @@ def _decode(
 
     def one(token, position, cache):
         h, _, cache = run_layers(model, token[None], position[None], cache, collect_hidden=False)
-        return model.logits(h)[0], cache
+        return model.head(h)[1][0], cache
 
     return jax.vmap(one)(tokens, positions, cache)
 

@@ -9,6 +9,7 @@ mesh, every device's slice is read on its own (see `model_jax.sharding`).
 
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,8 +18,9 @@ from jaxtyping import Array
 
 from checkpoint.args import ModelArgs
 from checkpoint.folder import open_folder
+from checkpoint.spec import tensor_spec
 from checkpoint.tensors import TensorRecord
-from model_jax.model import Transformer
+from model_jax.model import Transformer, TransformerBlock
 from model_jax.sharding import sharded_array
 
 
@@ -64,9 +66,54 @@ def make_getter(
 
         if mesh is not None:
             return sharded_array(name, shape, jnp.dtype(dtype), mesh, read_slice)
-        return jax.device_put(jnp.asarray(read_slice(()), dtype=dtype))
+        # Cast on the host: a device-side cast would compile one program per tensor shape.
+        return jax.device_put(np.asarray(read_slice(()), dtype=jnp.dtype(dtype)))
 
     return get
+
+
+class PortLoader:
+    """The weights of a converted (or official) folder, for the JAX model, in pieces."""
+
+    def __init__(self, folder: str | Path):
+        self.checkpoint = open_folder(folder)
+        self.args = self.checkpoint.args
+
+    def _getter(self, dtype, mesh: Mesh | None, used: set[str] | None = None):
+        return make_getter(self.checkpoint.tensors, self.args, dtype, mesh, used)
+
+    def model(self, *, dtype=jnp.bfloat16, mesh: Mesh | None = None) -> Transformer:
+        """Every parameter in `dtype`; strict on keys and shapes."""
+        used: set[str] = set()
+        model = Transformer.load(self.args, self._getter(dtype, mesh, used))
+        unused = sorted(set(self.checkpoint.tensors) - used)
+        assert not unused, f"checkpoint tensors not placed in the model: {unused}"
+        return model
+
+    def shell(self, *, dtype=jnp.bfloat16, mesh: Mesh | None = None) -> Transformer:
+        """Embeddings, final norm and head loaded; the blocks are shapes only (nothing
+        allocated), for running the model one block at a time."""
+        get = self._getter(dtype, mesh)
+        return eqx.tree_at(
+            lambda m: (m.tok_embeddings.weight, m.norm.weight, m.output.weight),
+            skeleton(self.args, dtype),
+            (get("tok_embeddings.weight"), get("norm.weight"), get("output.weight")),
+        )
+
+    def block(self, i: int, *, dtype=jnp.bfloat16, mesh: Mesh | None = None) -> TransformerBlock:
+        """Block `i` alone."""
+        return TransformerBlock.load(self.args, self._getter(dtype, mesh), f"layers.{i}.")
+
+
+def skeleton(args: ModelArgs, dtype) -> Transformer:
+    """The model with every parameter a `jax.ShapeDtypeStruct`: shapes only, no memory."""
+    spec = tensor_spec(args)
+
+    def zeros(name: str) -> Array:
+        names = stacked_names(name, args)
+        return jnp.zeros((*names.shape, *spec[names.flat[0]]), dtype)
+
+    return eqx.filter_eval_shape(Transformer.load, args, zeros)
 
 
 def load_model(folder: str | Path, *, dtype=jnp.bfloat16, mesh: Mesh | None = None) -> Transformer:
@@ -75,11 +122,4 @@ def load_model(folder: str | Path, *, dtype=jnp.bfloat16, mesh: Mesh | None = No
     With `mesh` (axes ("data", "model"), `model_jax.sharding.make_mesh`), weights are sharded
     tensor-parallel over "model" and no host ever holds more than one slice of one parameter.
     """
-    checkpoint = open_folder(folder)
-    used: set[str] = set()
-    model = Transformer.load(
-        checkpoint.args, make_getter(checkpoint.tensors, checkpoint.args, dtype, mesh, used)
-    )
-    unused = sorted(set(checkpoint.tensors) - used)
-    assert not unused, f"checkpoint tensors not placed in the model: {unused}"
-    return model
+    return PortLoader(folder).model(dtype=dtype, mesh=mesh)

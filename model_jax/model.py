@@ -193,15 +193,13 @@ class Transformer(eqx.Module):
 
     def __call__(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq vocab"]:
         """fp32 logits for positions 0..T-1 (batch with `jax.vmap`)."""
-        positions = jnp.arange(tokens.shape[0])
-        return _logits_jit(self, tokens, positions, None, collect_hidden=False)[0]
+        return _logits_jit(self, tokens, None, None, collect_hidden=False)[0]
 
     def forward_hidden(
         self, tokens: Int[Array, " seq"]
     ) -> tuple[Float[Array, "seq vocab"], Float[Array, "layers_plus_2 seq dim"]]:
         """Logits and every hidden state: embeddings, after each block, after the final norm."""
-        positions = jnp.arange(tokens.shape[0])
-        logits, hidden, _ = _logits_jit(self, tokens, positions, None, collect_hidden=True)
+        logits, hidden, _ = _logits_jit(self, tokens, None, None, collect_hidden=True)
         return logits, hidden
 
     def step(
@@ -211,9 +209,23 @@ class Transformer(eqx.Module):
         logits, _, cache = _logits_jit(self, tokens, positions, cache, collect_hidden=False)
         return logits, cache
 
-    def logits(self, h: Float[Array, "seq dim"]) -> Float[Array, "seq vocab"]:
-        """The output head on final-norm states, in fp32 as the reference's `.float()`."""
-        return self.output(h).astype(jnp.float32)
+    # The pieces the forward is made of (verify calls these, one at a time).
+
+    def embed(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq dim"]:
+        return self.tok_embeddings(tokens)
+
+    def rotary(
+        self, positions: Int[Array, " seq"]
+    ) -> tuple[Float[Array, "seq half"], Float[Array, "seq half"]]:
+        """cos and sin of the rotations every block applies at these positions."""
+        return rotary_angles(positions, self.args.head_dim, self.args.rope_theta)
+
+    def head(
+        self, h: Float[Array, "seq dim"]
+    ) -> tuple[Float[Array, "seq dim"], Float[Array, "seq vocab"]]:
+        """Final norm, and fp32 logits (the reference's `.float()`)."""
+        normed = self.norm(h)
+        return normed, self.output(normed).astype(jnp.float32)
 
 
 def run_layers(
@@ -223,13 +235,13 @@ def run_layers(
     cache: KVCache | None,
     *,
     collect_hidden: bool,
-) -> tuple[Float[Array, "seq dim"], Float[Array, "layers_plus_2 seq dim"] | None, KVCache | None]:
-    """Embeddings → scanned blocks → final norm; with a cache, attend to it and update it.
+) -> tuple[Float[Array, "seq dim"], Float[Array, "layers_plus_1 seq dim"] | None, KVCache | None]:
+    """Embeddings → scanned blocks; with a cache, attend to it and update it.
 
-    Returns the final-norm states, every hidden state if `collect_hidden`, and the new cache.
+    Returns the last block's output, the embeddings and every block's output if
+    `collect_hidden`, and the new cache.
     """
-    args = model.args
-    cos, sin = rotary_angles(positions, args.head_dim, args.rope_theta)
+    cos, sin = model.rotary(positions)
     layer_params, layer_static = eqx.partition(model.layers, eqx.is_array)
 
     def run_block(h, xs):
@@ -241,19 +253,24 @@ def run_layers(
             return h, (out,)
         return h, (out, write_slots(xs[1], xk, positions), write_slots(xs[2], xv, positions))
 
-    h0 = model.tok_embeddings(tokens)
+    h0 = model.embed(tokens)
     xs = (layer_params,) if cache is None else (layer_params, cache.k, cache.v)
     h, ys = lax.scan(run_block, h0, xs)
-    h = model.norm(h)
-    hidden = jnp.concatenate([h0[None], ys[0], h[None]]) if collect_hidden else None
+    hidden = jnp.concatenate([h0[None], ys[0]]) if collect_hidden else None
     if cache is not None:
         cache = KVCache(ys[1], ys[2], write_slots(cache.positions, positions, positions))
     return h, hidden, cache
 
 
 def _logits(model, tokens, positions, cache, *, collect_hidden):
+    """Logits (and hidden states, cache); positions None: 0..T-1."""
+    if positions is None:
+        positions = jnp.arange(tokens.shape[0])
     h, hidden, cache = run_layers(model, tokens, positions, cache, collect_hidden=collect_hidden)
-    return model.logits(h), hidden, cache
+    normed, logits = model.head(h)
+    if collect_hidden:
+        hidden = jnp.concatenate([hidden, normed[None]])
+    return logits, hidden, cache
 
 
 _logits_jit = eqx.filter_jit(_logits)

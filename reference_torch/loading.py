@@ -1,47 +1,156 @@
 """Load weights into the reference on the meta device, then assign — mistral-inference
-`Transformer.from_folder`. Uses torch's own readers (`torch.load(weights_only=True)`,
-`safetensors.torch`), independent of the JAX side's reader, so a reader bug shows up as a
-parity failure instead of being shared by both models."""
+`Transformer.from_folder`.
 
+Only torch's own readers are used (`torch.load(weights_only=True, mmap=True)`, `safetensors`),
+never the JAX side's `checkpoint` readers, so a reader bug shows up as a parity failure instead
+of being shared by both models. `ReferenceLoader` reads the whole model, or only the embeddings,
+final norm and head (`shell`), or one block (`block`); each read maps the file, copies what it
+needs and drops the mapping, so streaming a 7B keeps one block resident.
+"""
+
+import contextlib
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 from checkpoint.args import ModelArgs
 from checkpoint.errors import CheckpointError
 from checkpoint.folder import INDEX_NAME, official_weights_file, raise_spec_problems
+from reference_torch.model import Transformer, TransformerBlock
+
+SHELL_KEYS = ("tok_embeddings.weight", "norm.weight", "output.weight")
 
 
-def read_state_dict(folder: Path) -> tuple[dict[str, torch.Tensor], Path]:
-    """Every tensor of an official or converted folder (mmap'd where possible)."""
-    index = folder / INDEX_NAME
-    if index.exists():
-        shards = dict.fromkeys(json.loads(index.read_text())["weight_map"].values())
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state |= load_file(folder / shard)
-        return state, index
-    path = official_weights_file(folder)
-    if path.suffix == ".safetensors":
-        return load_file(path), path
+class _Tensors:
+    """name → tensor over one folder's weight files, read with torch's own readers."""
+
+    def __init__(self, folder: Path):
+        index = folder / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.files = {name: folder / shard for name, shard in weight_map.items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise CheckpointError(index, f"not a valid safetensors index ({err})") from None
+            self.source = index
+        else:
+            self.source = official_weights_file(folder)
+            with self._open(self.source) as state:
+                self.files = dict.fromkeys(state, self.source)
+
+    def _open(self, path: Path) -> contextlib.AbstractContextManager:
+        if path.suffix == ".safetensors":
+            return _safetensors_state(path)
+        return _pth_state(path)
+
+    @contextlib.contextmanager
+    def read(self, names: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+        """The named tensors, still backed by the file while the block runs."""
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.files[name], []).append(name)
+        with contextlib.ExitStack() as stack:
+            tensors = {}
+            for path, wanted in by_file.items():
+                state = stack.enter_context(self._open(path))
+                tensors |= {name: state[name] for name in wanted}
+            yield tensors
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        with self.read(list(self.files)) as tensors:
+            return {name: tuple(t.shape) for name, t in tensors.items()}
+
+
+@contextlib.contextmanager
+def _pth_state(path: Path) -> Iterator[dict[str, torch.Tensor]]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises many types for unsafe or corrupt pickles
-        raise CheckpointError(path, f"cannot load safely ({str(err).splitlines()[0]})") from None
-    if not isinstance(state, dict):
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(path, f"cannot load safely ({reason})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(path, "does not hold a dict of tensors")
-    return state, path
+    yield state
 
 
-def load_transformer(cls, folder, *, dtype: torch.dtype, device: str | torch.device):
-    folder = Path(folder)
-    args = ModelArgs.from_json(folder / "params.json")
-    state, source = read_state_dict(folder)
-    raise_spec_problems(source, {k: tuple(v.shape) for k, v in state.items()}, args)
-    with torch.device("meta"):
-        model = cls(args)
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-    model.load_state_dict(state, strict=True, assign=True)
-    return model.eval().requires_grad_(False)
+class _SafetensorsState(Mapping):
+    """name → tensor of an open safetensors file, each read when asked for."""
+
+    def __init__(self, handle):
+        self._handle, self._names = handle, list(handle.keys())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._handle.get_tensor(name)
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+@contextlib.contextmanager
+def _safetensors_state(path: Path) -> Iterator[Mapping[str, torch.Tensor]]:
+    try:
+        handle = safe_open(path, framework="pt")
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CheckpointError(path, f"cannot read safetensors ({err})") from None
+    with handle:
+        yield _SafetensorsState(handle)
+
+
+class ReferenceLoader:
+    """The weights of an official (or converted) folder, for the reference, in pieces."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.args = ModelArgs.from_json(self.folder / "params.json")
+        self._tensors = _Tensors(self.folder)
+        raise_spec_problems(self._tensors.source, self._tensors.shapes(), self.args)
+
+    @property
+    def weight_files(self) -> tuple[Path, ...]:
+        return tuple(dict.fromkeys(self._tensors.files.values()))
+
+    def _assign(
+        self, module: torch.nn.Module, names: dict[str, str], dtype, device, *, strict: bool = True
+    ) -> None:
+        """Copy the checkpoint tensors `names` (module key → checkpoint key) into `module`;
+        CheckpointError naming the first tensor that holds NaN or Inf."""
+        with self._tensors.read(list(names.values())) as tensors:
+            state = {}
+            for key, name in names.items():
+                tensor = tensors[name]
+                if not torch.isfinite(tensor).all():
+                    raise CheckpointError(self._tensors.files[name], f"tensor {name} is not finite")
+                state[key] = tensor.to(device=device, dtype=dtype, copy=True)
+        module.load_state_dict(state, strict=strict, assign=True)
+
+    def model(self, *, dtype: torch.dtype, device: str | torch.device = "cpu") -> Transformer:
+        """The whole model, strict on keys and shapes."""
+        with torch.device("meta"):
+            model = Transformer(self.args)
+        names = {name: name for name in self._tensors.files}
+        self._assign(model, names, dtype, device)
+        return model.eval().requires_grad_(False)
+
+    def shell(self, *, dtype: torch.dtype, device: str | torch.device = "cpu") -> Transformer:
+        """Embeddings, final norm and head loaded; the blocks stay on the meta device."""
+        with torch.device("meta"):
+            model = Transformer(self.args)
+        self._assign(model, {name: name for name in SHELL_KEYS}, dtype, device, strict=False)
+        return model.eval().requires_grad_(False)
+
+    def block(
+        self, i: int, *, dtype: torch.dtype, device: str | torch.device = "cpu"
+    ) -> TransformerBlock:
+        """Block `i` alone."""
+        with torch.device("meta"):
+            block = TransformerBlock(self.args)
+        prefix = f"layers.{i}."
+        names = {n[len(prefix) :]: n for n in self._tensors.files if n.startswith(prefix)}
+        self._assign(block, names, dtype, device)
+        return block.eval().requires_grad_(False)

@@ -120,9 +120,9 @@ class Transformer(nn.Module):
         cls, folder, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
     ) -> "Transformer":
         """Load an official (or converted) folder, strict on keys and shapes."""
-        from reference_torch.loading import load_transformer
+        from reference_torch.loading import ReferenceLoader
 
-        return load_transformer(cls, folder, dtype=dtype, device=device)
+        return ReferenceLoader(folder).model(dtype=dtype, device=device)
 
     def forward(self, tokens: torch.Tensor, cache: RollingKVCache | None = None) -> torch.Tensor:
         """fp32 logits (B, T, vocab) for `tokens` (B, T); with a cache, continue from it."""
@@ -131,13 +131,16 @@ class Transformer(nn.Module):
     def forward_hidden(
         self, tokens: torch.Tensor, cache: RollingKVCache | None = None
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits and every hidden state: embeddings, after each block, after the final norm."""
+        """Logits and every hidden state: embeddings, after each block, after the final norm.
+
+        Made of the pieces verify calls one by one: `embed`, each block with `rotary`, `head`.
+        """
         T = tokens.shape[1]
         positions = (
             cache.next_positions(T) if cache is not None else torch.arange(T, device=tokens.device)
         )
-        cis = freqs_cis(positions, self.args.head_dim, self.args.rope_theta)
-        h = self.tok_embeddings(tokens)
+        cis = self.rotary(positions)
+        h = self.embed(tokens)
         hidden = [h]
         for i, layer in enumerate(self.layers):
             cached = cache.layer(i) if cache is not None else None
@@ -147,9 +150,19 @@ class Transformer(nn.Module):
             hidden.append(h)
         if cache is not None:
             cache.advance(positions)
-        h = self.norm(h)
+        h, logits = self.head(h)
         hidden.append(h)
-        return self.output(h).float(), hidden
+        return logits, hidden
 
-    def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T) → (B, T, dim)."""
+        return self.tok_embeddings(tokens)
+
+    def rotary(self, positions: torch.Tensor) -> torch.Tensor:
+        """The rotations every block applies at these positions (T, head_dim / 2)."""
+        return freqs_cis(positions, self.args.head_dim, self.args.rope_theta)
+
+    def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final norm, and fp32 logits (the reference's `.float()`)."""
+        normed = self.norm(h)
+        return normed, self.output(normed).float()

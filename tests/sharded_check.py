@@ -55,7 +55,7 @@ print(
                 prompts=["Sharded, and still the same"],
                 max_new_tokens=8,
                 mesh=mesh_spec,
-            )["verdict"],
+            ).verdict,
         }
     )
 )

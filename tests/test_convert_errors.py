@@ -113,7 +113,7 @@ def test_missing_params_json(src, tmp_path):
 
 def test_missing_tokenizer(src, tmp_path):
     (src / "tokenizer.model").unlink()
-    convert_fails(src, tmp_path / "out", expect="tokenizer.model: file not found")
+    convert_fails(src, tmp_path / "out", expect="expected exactly one tokenizer file")
 
 
 def test_tokenizer_vocab_differs_from_params(src, tmp_path):
@@ -127,7 +127,7 @@ def test_tokenizer_vocab_differs_from_params(src, tmp_path):
     convert_fails(
         src,
         tmp_path / "out",
-        expect="tokenizer.model: vocabulary has 32000 pieces but params.json vocab_size is 32768",
+        expect="tokenizer.model: vocabulary has 32000 tokens but",
     )
 
 

@@ -53,4 +53,4 @@ def test_member_verifies(member):
     result = run_verification(
         source, out, prompts=["Hello there, general Kenobi"], stream_layers=True
     )
-    assert result["verdict"] == "pass", result["reasons"]
+    assert result.verdict == "pass", result.reasons

@@ -10,7 +10,6 @@ from conftest import random_tokens, relative_error, relative_l2, tiny_args
 import reference_torch
 from checkpoint.args import MoeArgs
 from model_jax import load_model
-from verify.gates import Thresholds
 
 CONFIGS = {
     "mha": tiny_args(n_kv_heads=4),
@@ -25,8 +24,12 @@ CONFIGS = {
 SEQ = 40  # ≥ 3·W for the windowed config
 
 FP32_TOLERANCE = 1e-5  # fp32 vs fp32 differ in summation order only (≈5e-7 measured)
-# The port's bf16 error / the reference's own bf16 error (measured 0.86-0.95; see verify/gates.py).
-BF16_NOISE_RATIO = Thresholds().free_bf16_over_floor
+# The port's bf16 error against fp32 ÷ the reference's own bf16 error against fp32: a port that
+# rounds where the reference rounds is as accurate (measured 0.86–0.95 on these configs); 1.25
+# leaves room for a different summation order, while one extra bf16 rounding per op exceeds it.
+# Set here, independently of the gate verify uses (verify/gates.py), so neither vouches for the
+# other.
+BF16_NOISE_RATIO = 1.25
 
 
 def logits_both(folder, dtype_torch, dtype_jax, tokens):

@@ -3,19 +3,21 @@
 Exit code 0: pass; 1: parity (or checksum) failure; 2: bad input or usage.
 """
 
-import json
 import sys
 from pathlib import Path
 
 import click
 
+from checkpoint.cli_errors import OneLineErrors
 from checkpoint.errors import CheckpointError
+from checkpoint.tokenizer import Tokenizer
 from verify.gates import Thresholds
+from verify.prompts import read_prompts
 from verify.report import write_report
 from verify.run import run_verification
 
 
-@click.command()
+@click.command(cls=OneLineErrors)
 @click.option(
     "--reference",
     required=True,
@@ -38,9 +40,10 @@ from verify.run import run_verification
     "--prompts",
     "prompts_file",
     type=click.Path(path_type=Path),
-    help="Text file, one prompt per line (default: the built-in set).",
+    help='One prompt per line, or JSONL lines {"text": ...} / {"tokens": [...]} / '
+    '{"messages": [...]} (default: the built-in set).',
 )
-@click.option("--max-new-tokens", default=32, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option(
     "--report-dir",
     type=click.Path(path_type=Path),
@@ -80,11 +83,7 @@ def main(
                 raise CheckpointError(folder, "not a directory")
         prompts = None
         if prompts_file is not None:
-            if not prompts_file.is_file():
-                raise CheckpointError(prompts_file, "file not found")
-            prompts = [line for line in prompts_file.read_text().splitlines() if line.strip()]
-            if not prompts:
-                raise CheckpointError(prompts_file, "no prompts in the file")
+            prompts = read_prompts(prompts_file, Tokenizer.from_folder(reference))
         result = run_verification(
             reference,
             converted,
@@ -96,21 +95,26 @@ def main(
             thresholds=Thresholds.parse(thresholds),
             peer=peer,
             mesh=mesh,
+            on_step=_progress(),
         )
-    except CheckpointError as err:
+    except (CheckpointError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    except ValueError as err:
-        click.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    where = "gpu" if result["environment"]["torch_device"] != "cpu" else "cpu"
+    where = "gpu" if result.environment.torch_device != "cpu" else "cpu"
     folder = write_report(
         result, report_dir or Path("reports") / f"{converted.name}-{dtype}-{where}"
     )
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        click.echo(result.to_json(), nl=False)
     else:
-        click.echo(f"{result['verdict'].upper()}: report in {folder}/report.md")
-        for reason in result["reasons"]:
+        click.echo(f"{result.verdict.upper()}: report in {folder}/report.md")
+        for reason in result.reasons[:20]:
             click.echo(f"  {reason}")
-    sys.exit(0 if result["verdict"] == "pass" else 1)
+    sys.exit(0 if result.passed else 1)
+
+
+def _progress():
+    """Phase messages on stderr when it is a terminal; silent otherwise."""
+    if not sys.stderr.isatty():
+        return None
+    return lambda message: click.echo(f"  {message}", err=True)

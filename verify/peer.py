@@ -10,7 +10,6 @@ import importlib
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from convert.convert import convert_checkpoint
@@ -18,7 +17,7 @@ from verify.runners import TORCH_DTYPES
 
 
 def hf_peer_outputs(reference: Path, prompts: list[list[int]], device: str):
-    """({dtype: per prompt, the L+1 hidden states}, {dtype: logits of all prompts})."""
+    """({dtype: per prompt, the L+1 hidden states}, {dtype: per prompt, the logits})."""
     try:
         transformers = importlib.import_module("transformers")
     except ModuleNotFoundError:
@@ -30,12 +29,11 @@ def hf_peer_outputs(reference: Path, prompts: list[list[int]], device: str):
         for name, dtype in TORCH_DTYPES.items():
             model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
             model = model.to(device).eval()
-            states[name], per_prompt = [], []
+            states[name], logits[name] = [], []
             with torch.inference_mode():
                 for prompt in prompts:
                     out = model(torch.tensor([prompt], device=device), output_hidden_states=True)
                     states[name].append([h[0].float().cpu().numpy() for h in out.hidden_states])
-                    per_prompt.append(out.logits[0].float().cpu().numpy())
-            logits[name] = np.concatenate(per_prompt)
+                    logits[name].append(out.logits[0].float().cpu().numpy())
             del model
     return states, logits

@@ -1,5 +1,30 @@
-"""Built-in prompts: short ones, code, and one of well over 500 tokens (RoPE and sliding-window
-bugs hide at short lengths; for small windows it is also longer than the window)."""
+"""Prompts for verify: the built-in set, or a file of text lines or JSONL records.
+
+Built-in: short everyday questions, code, two chats rendered with the folder's instruct
+tokenizer, and one text of well over 500 tokens (RoPE and sliding-window bugs hide at short
+lengths; for small windows it is also longer than the window). A JSONL line is one of
+`{"text": ..., "bos": true}` (BOS prepended unless `"bos": false`), `{"tokens": [...]}` (ids as
+given) or `{"messages": [{"role": "user", "content": ...}, ...]}` (rendered by mistral-common).
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+
+from checkpoint.errors import CheckpointError
+from checkpoint.tokenizer import Tokenizer
+
+MAX_PROMPT_TOKENS = 32768
+MAX_PROMPTS_FILE_BYTES = 16 * 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Prompt:
+    kind: str  # "text", "tokens" or "chat"
+    text: str  # what the report shows
+    tokens: tuple[int, ...]
+    bos: bool  # whether the sequence starts with the BOS token
+
 
 _LONG = " ".join(
     [
@@ -40,9 +65,100 @@ _LONG = " ".join(
     ]
 )
 
-BUILTIN_PROMPTS = [
+_CHATS = [
+    [{"role": "user", "content": "Can you suggest three names for a grey cat?"}],
+    [
+        {"role": "system", "content": "You are a concise assistant."},
+        {"role": "user", "content": "How many legs does a spider have?"},
+        {"role": "assistant", "content": "Eight."},
+        {"role": "user", "content": "And an ant?"},
+    ],
+]
+_TEXTS = [
     "The capital of France is",
+    "What is the boiling point of water at sea level, in degrees Celsius?",
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
     "Mistral 7B is a language model with grouped-query attention and a sliding window.",
     _LONG,
 ]
+
+
+def builtin_prompts(tokenizer: Tokenizer) -> list[Prompt]:
+    texts = [text_prompt(t, tokenizer) for t in _TEXTS]
+    return texts[:-1] + [chat_prompt(m, tokenizer) for m in _CHATS] + texts[-1:]
+
+
+def text_prompt(text: str, tokenizer: Tokenizer, *, bos: bool = True) -> Prompt:
+    return Prompt("text", text, tuple(tokenizer.encode(text, bos=bos)), bos)
+
+
+def chat_prompt(messages: list[dict], tokenizer: Tokenizer) -> Prompt:
+    tokens = tuple(tokenizer.encode_chat(messages))
+    shown = " | ".join(f"{m['role']}: {m['content']}" for m in messages)
+    return Prompt("chat", shown, tokens, tokens[:1] == (tokenizer.bos_id,))
+
+
+def read_prompts(path: Path, tokenizer: Tokenizer) -> list[Prompt]:
+    """Prompts from a file: JSONL when a line starts with `{`, else one text per line."""
+    try:
+        if path.stat().st_size > MAX_PROMPTS_FILE_BYTES:
+            raise CheckpointError(path, f"larger than {MAX_PROMPTS_FILE_BYTES} bytes")
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise CheckpointError(path, "file not found") from None
+    except UnicodeDecodeError:
+        raise CheckpointError(path, "not a UTF-8 text file") from None
+    except OSError as err:
+        raise CheckpointError(path, f"cannot read ({err.strerror or err})") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise CheckpointError(path, "no prompts in the file")
+    jsonl = any(line.lstrip().startswith("{") for _, line in lines)
+    prompts = []
+    for n, line in lines:
+        try:
+            prompt = _record(line, tokenizer) if jsonl else text_prompt(line, tokenizer)
+        except ValueError as err:
+            raise CheckpointError(f"{path}:{n}", str(err)) from None
+        if not prompt.tokens:
+            raise CheckpointError(f"{path}:{n}", "the prompt has no tokens")
+        if len(prompt.tokens) > MAX_PROMPT_TOKENS:
+            raise CheckpointError(
+                f"{path}:{n}",
+                f"the prompt has {len(prompt.tokens)} tokens, more than the limit of "
+                f"{MAX_PROMPT_TOKENS}",
+            )
+        prompts.append(prompt)
+    return prompts
+
+
+def _record(line: str, tokenizer: Tokenizer) -> Prompt:
+    try:
+        record = json.loads(line)
+    except (json.JSONDecodeError, RecursionError) as err:
+        raise ValueError(f"not a JSON object ({err})") from None
+    if not isinstance(record, dict):
+        raise ValueError("expected a JSON object")
+    kinds = [k for k in ("text", "tokens", "messages") if k in record]
+    unknown = sorted(set(record) - {"text", "tokens", "messages", "bos"})
+    if len(kinds) != 1 or unknown:
+        raise ValueError('expected exactly one of "text", "tokens", "messages" (and "bos")')
+    bos = record.get("bos", True)
+    if not isinstance(bos, bool) or ("bos" in record and kinds != ["text"]):
+        raise ValueError('"bos" is a boolean and goes with "text" only')
+    if "text" in record:
+        if not isinstance(record["text"], str):
+            raise ValueError('"text" must be a string')
+        return text_prompt(record["text"], tokenizer, bos=bos)
+    if "messages" in record:
+        if not isinstance(record["messages"], list) or not record["messages"]:
+            raise ValueError('"messages" must be a non-empty list')
+        return chat_prompt(record["messages"], tokenizer)
+    tokens = record["tokens"]
+    vocab = tokenizer.vocab_size
+    if not isinstance(tokens, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens
+    ):
+        raise ValueError(f'"tokens" must be a list of ids in [0, {vocab})')
+    shown = tokenizer.decode(tokens)
+    return Prompt("tokens", shown, tuple(tokens), tokens[:1] == [tokenizer.bos_id])

@@ -1,152 +1,92 @@
-"""Write a verification result as report.md (verdict first), report.json and drift.png."""
+"""Write a `Report` as report.md (verdict first), report.json and drift.png."""
 
-import json
+import math
 from pathlib import Path
 
+import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 from tabulate import tabulate
 
+from verify.results import GenerationResult, LayerResult, Report
+from verify.runners import PIECES
 
-def write_report(result: dict, folder: str | Path) -> Path:
+REPORT_FILES = ("report.md", "report.json", "drift.png")
+
+
+def write_report(report: Report, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(result, indent=2) + "\n")
-    (folder / "report.md").write_text(markdown(result))
-    plot_drift(result, folder / "drift.png")
+    (folder / "report.json").write_text(report.to_json())
+    (folder / "report.md").write_text(markdown(report))
+    plot_drift(report, folder / "drift.png")
     return folder
 
 
 def _g(value) -> str:
-    return "" if value is None else f"{value:.3g}"
+    if value is None:
+        return ""
+    return f"{value:.3g}" if math.isfinite(value) else str(value)
 
 
-def markdown(r: dict) -> str:
-    verdict = "PASS" if r["verdict"] == "pass" else "FAIL"
-    lines = [f"# Parity report: {verdict}", ""]
-    if r["reasons"]:
-        lines += ["Why it failed:", ""] + [f"- {reason}" for reason in r["reasons"]] + [""]
-        if r["first_failing_layer"] is not None:
-            lines += [f"First failing block (teacher-forced): **{r['first_failing_layer']}**.", ""]
+def markdown(r: Report) -> str:
+    lines = [f"# Parity report: {r.verdict.upper()}", ""]
+    if r.reasons:
+        shown = r.reasons[:20]
+        more = [f"- … and {len(r.reasons) - 20} more (report.json)"] if len(r.reasons) > 20 else []
+        lines += ["Why it failed:", ""] + [f"- {reason}" for reason in shown] + more + [""]
+        if r.first_failing_layer is not None:
+            lines += [f"First failing block (teacher-forced): **{r.first_failing_layer}**.", ""]
     else:
         lines += [
-            "Every gate passed: every block's teacher-forced error is within its gate, "
-            "the free-running error is within the bf16 noise floor, the checksums match "
-            "the manifest.",
+            "Every gate passed: each piece of every block is as accurate as the reference's own "
+            "bf16 on the same input (and matches it in fp32), the outputs are within the "
+            "reference's own bf16 noise, generation agrees, the checksums match the manifest.",
             "",
         ]
-    env = r["environment"]
+    env = r.environment
     lines += [
-        f"dtype **{r['dtype']}**; torch on {env['torch_device']}, JAX on {env['jax_device']}; "
-        f"{sum(p['tokens'] for p in r['prompts'])} prompt tokens in {len(r['prompts'])} prompts "
-        f"(longest {max(p['tokens'] for p in r['prompts'])}); {r['seconds']:.0f} s.",
+        f"dtype **{r.dtype}**; torch on {env.torch_device}, JAX on {env.jax_device}; "
+        f"{sum(p.tokens for p in r.prompts)} prompt tokens in {len(r.prompts)} prompts "
+        f"(longest {max(p.tokens for p in r.prompts)}); "
+        f"{'streamed one block at a time' if r.stream_layers else 'whole models'}; "
+        f"{r.seconds:.0f} s.",
         "",
-        "## Per-layer drift",
-        "",
-        "*free*: each model runs on its own outputs; *teacher-forced*: the port's block gets the "
-        "reference's input, so only that block can differ. *floor*: the reference's own "
-        "bf16-vs-fp32 error; *÷floor*: the port's bf16 error divided by it (≈1 or below is "
-        "ideal). *fp32*: port vs reference, both fp32.",
-        "",
-    ]
-    peer = r.get("peer")
-    rows = []
-    for e in [r["embeddings"], *r["layers"], r["final_norm"]]:
-        tf = e.get("teacher_forced", {})
-        row = [
-            e["name"],
-            _g(e["free"]["rel_l2"]),
-            _g(e["free"]["max_abs"]),
-            _g(e["free"]["cosine"]),
-            _g(e["noise_floor"]),
-            _g(e["bf16_error_over_floor"]),
-            _g(tf.get("rel_l2")),
-            _g(e.get("teacher_forced_noise_floor")),
-            _g(e.get("teacher_forced_bf16_over_floor")),
-            _g(e["fp32_rel_l2"]),
-            _g(e.get("teacher_forced_fp32_rel_l2")),
-        ]
-        if peer:
-            row += [_g(e.get("peer_rel_l2")), _g(e.get("peer_fp32_rel_l2"))]
-        rows.append([*row, {True: "pass", False: "FAIL"}.get(e.get("passed"), "")])
-    headers = [
-        "layer",
-        "free rel L2",
-        "free max|Δ|",
-        "free cos",
-        "floor",
-        "free ÷floor",
-        "TF rel L2",
-        "TF floor",
-        "TF ÷floor",
-        "fp32 free",
-        "fp32 TF",
-    ]
-    if peer:
-        headers += [f"{peer} rel L2", f"{peer} fp32"]
-    lines += [tabulate(rows, headers=[*headers, "gate"], tablefmt="github"), ""]
-    if peer:
-        lines += [
-            f"*{peer} rel L2 / fp32*: the {peer} peer (free-running) vs the reference; "
-            "its last block's output comes normed, so it is shown at the final norm.",
-            "",
-        ]
-    lg = r["logits"]
-    lines += [
-        "## Logits",
+        "## Prompts",
         "",
         tabulate(
             [
-                ["KL(ref‖port) mean / median", f"{lg['kl_mean']:.3g} / {lg['kl_median']:.3g}"],
                 [
-                    "KL p90 / p99 / p99.9",
-                    f"{lg['kl_p90']:.3g} / {lg['kl_p99']:.3g} / {lg['kl_p99_9']:.3g}",
-                ],
-                ["KL max (token index)", f"{lg['kl_max']:.3g} ({lg['kl_argmax_position']})"],
-                [
-                    "same top-1",
-                    f"{100 * lg['same_top1']:.2f} % ± {100 * lg['same_top1_sigma']:.2f}",
-                ],
-                ["top-5 overlap", f"{100 * lg['top5_overlap']:.2f} %"],
-                [
-                    "Δp of reference top token, mean / max",
-                    f"{lg['delta_p_ref_top_mean_abs']:.3g} / {lg['delta_p_ref_top_max_abs']:.3g}",
-                ],
-                ["max |Δlogit|", _g(lg["max_abs_logit_diff"])],
-                ["bf16 error ÷ floor", _g(lg["bf16_error_over_floor"])],
-                ["fp32 relative L2", _g(lg["fp32_rel_l2"])],
+                    j + 1,
+                    p.kind,
+                    p.tokens,
+                    "yes" if p.bos else "no",
+                    p.verdict.upper(),
+                    _cell(p.text),
+                ]
+                for j, p in enumerate(r.prompts)
             ],
-            headers=["metric", f"port vs reference ({r['dtype']}, {lg['tokens']} tokens)"],
+            headers=["#", "kind", "tokens", "BOS", "verdict", "prompt"],
             tablefmt="github",
         ),
         "",
     ]
-    if "peer" in lg:
-        pl = lg["peer"]
-        lines += [
-            f"Peer ({peer}) vs reference ({r['dtype']}): KL mean {pl['kl_mean']:.3g}, same "
-            f"top-1 {100 * pl['same_top1']:.2f} %, max |Δlogit| "
-            f"{pl['max_abs_logit_diff']:.3g}; bf16 error ÷ floor "
-            f"{pl['bf16_error_over_floor']:.3g}; fp32 relative L2 {pl['fp32_rel_l2']:.3g}.",
-            "",
-        ]
-    lines += _generation_section(r["generation"])
-    checks = r["checksums"]
+    lines += _layers_section(r)
+    lines += _logits_section(r)
+    lines += _generation_section(r.generation)
     lines += [
         "## Checksums",
         "",
         "Converted folder matches its manifest."
-        if checks["ok"]
+        if r.checksums.ok
         else "Converted folder does NOT match its manifest:",
         "",
-    ]
-    lines += [f"- {p}" for p in checks["problems"]]
-    lines += [
+        *[f"- {p}" for p in r.checksums.problems],
         "",
         "## Environment",
         "",
         tabulate(
-            [[k, v] for k, v in env["versions"].items()]
-            + [["python", env["python"]], ["platform", env["platform"]]],
+            [[k, v] for k, v in env.versions.items()]
+            + [["python", env.python], ["platform", env.platform]],
             headers=["package", "version"],
             tablefmt="github",
         ),
@@ -155,26 +95,135 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _generation_section(gen: dict | None) -> list[str]:
+def _cell(text: str) -> str:
+    return text.replace("\n", "⏎").replace("|", "\\|")[:70]
+
+
+def _worst_piece(layer: LayerResult) -> str:
+    rated = [p for p in layer.pieces if p.piece != "block" and p.bf16_ratio is not None]
+    if not rated:
+        return ""
+    worst = max(rated, key=lambda p: p.bf16_ratio if math.isfinite(p.bf16_ratio) else math.inf)
+    return f"{_g(worst.bf16_ratio)} ({worst.piece})"
+
+
+def _layers_section(r: Report) -> list[str]:
+    peer = r.peer
+    rows = []
+    for layer in [r.embeddings, *r.layers, r.final_norm]:
+        block = next((p for p in layer.pieces if p.piece == "block"), None)
+        fp32_tf = max((p.fp32_error for p in layer.pieces), default=None)
+        row = [
+            layer.name,
+            _g(layer.free.rel_l2),
+            _g(layer.free.max_abs),
+            _g(layer.free_floor),
+            _g(layer.free_bf16_ratio),
+            _g(layer.free_fp32_error),
+            _g(block.bf16_ratio if block else None),
+            _worst_piece(layer),
+            _g(fp32_tf),
+        ]
+        if peer:
+            row += [_g(layer.peer_bf16_ratio), _g(layer.peer_fp32_error)]
+        gate = "FAIL" if layer.failures else ("pass" if layer.pieces or layer.index is None else "")
+        rows.append([*row, gate])
+    headers = [
+        "layer",
+        "free rel L2",
+        "free max|Δ|",
+        "floor",
+        "free ÷ref",
+        "free fp32",
+        "TF block ÷ref",
+        "TF worst piece ÷ref",
+        "TF fp32",
+    ]
+    if peer:
+        headers += [f"{peer} ÷ref", f"{peer} fp32"]
+    return [
+        "## Per-layer drift",
+        "",
+        "*free*: each model runs on its own outputs (*rel L2*, *max|Δ|*: port vs reference in "
+        f"{r.dtype}). *floor*: the reference's own bf16 error against its fp32 run; *÷ref*: the "
+        "port's bf16 error against the same fp32 truth divided by the reference's (≈1 or below "
+        "is ideal). *TF* (teacher-forced): every piece of the block (attention_norm, attention, "
+        "ffn_norm, feed_forward, and the whole block) gets the reference's own bf16 input to "
+        "that piece, so only that piece can differ; the gate is on every piece. Errors are "
+        "scale-aware: each element's error relative to |truth| plus its token's median "
+        "|truth|, so a few massive activations cannot dominate. *fp32*: port vs reference, "
+        "both fp32.",
+        "",
+        tabulate(rows, headers=[*headers, "gate"], tablefmt="github"),
+        "",
+    ] + (
+        [
+            f"*{peer} ÷ref / fp32*: the {peer} peer (free-running) vs the reference; its last "
+            "block's output comes normed, so it is shown at the final norm.",
+            "",
+        ]
+        if peer
+        else []
+    )
+
+
+def _logits_section(r: Report) -> list[str]:
+    lg, m = r.logits, r.logits.metrics
+    rows = [
+        ["KL(ref‖port) mean / median", f"{m.kl_mean:.3g} / {m.kl_median:.3g}"],
+        ["KL p90 / p99 / p99.9", f"{m.kl_p90:.3g} / {m.kl_p99:.3g} / {m.kl_p99_9:.3g}"],
+        ["KL max (token index)", f"{m.kl_max:.3g} ({m.kl_argmax_position})"],
+        ["same top-1", f"{100 * m.same_top1:.2f} % ± {100 * m.same_top1_sigma:.2f}"],
+        ["top-5 overlap", f"{100 * m.top5_overlap:.2f} %"],
+        [
+            "Δp of reference top token, mean / max",
+            f"{m.delta_p_ref_top_mean_abs:.3g} / {m.delta_p_ref_top_max_abs:.3g}",
+        ],
+        ["max |Δlogit|", _g(m.max_abs_logit_diff)],
+        ["bf16 error ÷ reference's own", _g(lg.bf16_ratio)],
+        ["fp32 error", _g(lg.fp32_error)],
+    ]
+    lines = [
+        "## Logits",
+        "",
+        tabulate(
+            rows,
+            headers=["metric", f"port vs reference ({r.dtype}, {m.tokens} tokens)"],
+            tablefmt="github",
+        ),
+        "",
+    ]
+    if lg.peer is not None:
+        pm = lg.peer.metrics
+        lines += [
+            f"Peer ({r.peer}) vs reference ({r.dtype}): KL mean {pm.kl_mean:.3g}, same top-1 "
+            f"{100 * pm.same_top1:.2f} %, max |Δlogit| {pm.max_abs_logit_diff:.3g}; bf16 error "
+            f"÷ reference's own {_g(lg.peer.bf16_ratio)}; fp32 error {_g(lg.peer.fp32_error)}.",
+            "",
+        ]
+    return lines
+
+
+def _generation_section(gen: GenerationResult | None) -> list[str]:
     if gen is None:
         return ["## Generation", "", "Skipped (`--stream-layers`: whole models not loaded).", ""]
     rows = [
         [
-            i,
-            p["exact_match"],
-            p["matched_prefix"],
-            _g(p["teacher_forced_top1"]),
-            p["reference_text"].replace("\n", "⏎")[:60],
-            p["port_text"].replace("\n", "⏎")[:60],
+            i + 1,
+            p.exact_match,
+            p.matched_prefix,
+            _g(p.teacher_forced_top1),
+            _cell(p.reference_text)[:60],
+            _cell(p.port_text)[:60],
         ]
-        for i, p in enumerate(gen["prompts"])
+        for i, p in enumerate(gen.prompts)
     ]
     return [
         "## Generation (greedy)",
         "",
-        f"{gen['exact_match_prompts']}/{len(gen['prompts'])} prompts identical over "
-        f"{gen['max_new_tokens']} tokens; teacher-forced top-1 agreement along the "
-        f"reference's continuation: {100 * gen['teacher_forced_top1']:.1f} %.",
+        f"{gen.exact_match_prompts}/{len(gen.prompts)} prompts identical over "
+        f"{gen.max_new_tokens} tokens; teacher-forced top-1 agreement along the "
+        f"reference's continuation: {100 * gen.teacher_forced_top1:.1f} %.",
         "",
         tabulate(
             rows,
@@ -185,51 +234,41 @@ def _generation_section(gen: dict | None) -> list[str]:
     ]
 
 
-def plot_drift(r: dict, path: Path) -> None:
-    entries = [*r["layers"], r["final_norm"]]  # embeddings are exact: nothing to plot
-    x = range(len(entries))
-    fig = Figure(figsize=(9, 4.5))
-    ax = fig.subplots()
-    floor = [e["noise_floor"] for e in entries]
-    ax.plot(x, floor, "k--", label="noise floor: reference bf16 vs fp32 (free)")
-    ax.plot(
-        x,
-        [e["free"]["rel_l2"] for e in entries],
-        "o-",
-        label=f"port vs reference, free ({r['dtype']})",
+def _plottable(values) -> np.ndarray:
+    """Values for a log axis: non-finite and non-positive become gaps (NaN)."""
+    out = np.array([np.nan if v is None else v for v in values], dtype=np.float64)
+    out[~np.isfinite(out) | (out <= 0)] = np.nan
+    return out
+
+
+def plot_drift(r: Report, path: Path) -> None:
+    entries = [*r.layers, r.final_norm]  # embeddings are exact: nothing to plot
+    x = np.arange(len(entries))
+    fig = Figure(figsize=(10, 7))
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    top.plot(x, _plottable([e.free_floor for e in entries]), "k--", label="reference bf16 (floor)")
+    top.plot(x, _plottable([e.free.scaled for e in entries]), "o-", label=f"port ({r.dtype})")
+    top.plot(
+        x, _plottable([e.free_fp32_error for e in entries]), "^-", alpha=0.6, label="port fp32"
     )
-    blocks = [i for i, e in enumerate(entries) if "teacher_forced" in e]
-    ax.plot(
-        blocks,
-        [entries[i]["teacher_forced"]["rel_l2"] for i in blocks],
-        "s-",
-        label=f"port vs reference, teacher-forced ({r['dtype']})",
-    )
-    ax.plot(
-        blocks,
-        [entries[i]["teacher_forced_noise_floor"] for i in blocks],
-        "k:",
-        label="noise floor, teacher-forced",
-    )
-    ax.plot(
-        x,
-        [max(e["fp32_rel_l2"], 1e-12) for e in entries],
-        "^-",
-        alpha=0.6,
-        label="port vs reference, fp32 (free)",
-    )
-    if r["first_failing_layer"] is not None:
-        ax.axvline(
-            r["first_failing_layer"] + 1,
-            color="red",
-            alpha=0.4,
-            label=f"first failing block ({r['first_failing_layer']})",
-        )
-    ax.set_yscale("log")
-    ax.set_xticks(list(x), [e["name"].replace("block ", "") for e in entries], fontsize=7)
-    ax.set_xlabel("block (then final norm)")
-    ax.set_ylabel("relative L2 error")
-    ax.set_title(f"Per-layer drift: {r['verdict'].upper()}")
-    ax.legend(fontsize=7)
+    top.set_yscale("log")
+    top.set_ylabel("free-running error vs fp32 reference")
+    top.legend(fontsize=7)
+    blocks = x[:-1]
+    for piece in PIECES:
+        ratios = [next(p.bf16_ratio for p in e.pieces if p.piece == piece) for e in r.layers]
+        if any(v is not None for v in ratios):
+            style = "s-" if piece == "block" else ".-"
+            bottom.plot(blocks, _plottable(ratios), style, label=piece, alpha=0.8)
+    bottom.axhline(r.thresholds["teacher_forced_bf16_ratio"], color="red", alpha=0.5, label="gate")
+    bottom.set_ylabel("teacher-forced bf16 error ÷ reference's own")
+    bottom.set_yscale("log")
+    bottom.legend(fontsize=7, ncol=3)
+    if r.first_failing_layer is not None:
+        for ax in (top, bottom):
+            ax.axvline(r.first_failing_layer, color="red", alpha=0.3)
+    bottom.set_xticks(list(x), [e.name.replace("block ", "") for e in entries], fontsize=7)
+    bottom.set_xlabel("block (then final norm)")
+    top.set_title(f"Per-layer drift: {r.verdict.upper()}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

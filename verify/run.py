@@ -1,26 +1,46 @@
 """`run_verification`: checksums, per-layer drift, logits and generation, judged by gates."""
 
-import dataclasses
 import hashlib
 import importlib.metadata
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import numpy as np
 import torch
 
-from checkpoint.folder import official_weights_file, open_folder
+from checkpoint.errors import CheckpointError
 from checkpoint.tokenizer import Tokenizer
 from convert.check import check_converted
 from model_jax.sharding import make_mesh
-from verify.drift import layer_drift
-from verify.gates import Thresholds
-from verify.generation import generation_agreement, load_for_generation
-from verify.metrics import logit_metrics, relative_l2
+from verify.drift import Drift, drift, free_sums, whole_model_states
+from verify.gates import (
+    Thresholds,
+    exceeds,
+    free_failures,
+    free_pooled,
+    layer_result,
+    prompt_piece_failures,
+)
+from verify.generation import generation_agreement, reference_continuations
+from verify.metrics import logit_metrics
 from verify.peer import hf_peer_outputs
-from verify.prompts import BUILTIN_PROMPTS
-from verify.runners import JaxLayers, TorchLayers
+from verify.prompts import Prompt, builtin_prompts, text_prompt
+from verify.results import (
+    Checksums,
+    Environment,
+    GenerationResult,
+    LayerResult,
+    LogitResult,
+    PeerLogits,
+    PromptResult,
+    Report,
+)
+from verify.runners import JaxRunner, TorchRunner
+
+DTYPES = ("bfloat16", "float32")
 
 
 def resolve_devices(device: str) -> tuple[str, jax.Device]:
@@ -39,181 +59,280 @@ def run_verification(
     *,
     dtype: str = "bfloat16",
     device: str = "auto",
-    prompts: list[str] | None = None,
+    prompts: list[str | Prompt] | None = None,
     max_new_tokens: int = 32,
     stream_layers: bool = False,
     thresholds: Thresholds | None = None,
     peer: str | None = None,
     mesh: str | None = None,
-) -> dict:
+    on_step: Callable[[str], None] | None = None,
+) -> Report:
     """Compare the torch reference on `reference` with the JAX port on `converted`.
 
-    Returns the whole report as a dict: `verdict`, `reasons`, `first_failing_layer`, `layers`,
-    `logits`, `generation`, `checksums`, `environment`. With `stream_layers` only one block of
-    each model is resident at a time and generation agreement (which needs whole models) is
-    skipped. `peer="hf"` adds HF transformers as a third implementation (informational
-    columns, not gated). `mesh` ("DATAxMODEL", e.g. "1x8") shards the port's weights.
+    `prompts`: texts (BOS prepended) or `verify.prompts.Prompt`s; default the built-in set.
+    Without `stream_layers`, each model is loaded whole, one at a time: its own forward gives
+    the free-running states and logits, and greedy generation is compared. With it, every
+    model is held one block at a time and generation is skipped. Either way every block's
+    pieces are then judged teacher-forced. `peer="hf"` adds HF transformers as a third
+    implementation (informational). `mesh` ("DATAxMODEL") shards the port's weights.
+    `on_step(message)` is told each phase and block as it starts (progress).
     """
     start = time.perf_counter()
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     reference, converted = Path(reference), Path(converted)
     thresholds = thresholds or Thresholds()
+    step = on_step or (lambda message: None)
     torch_device, jax_device = resolve_devices(device)
-    jax_mesh = make_mesh(mesh) if mesh else None
-    args = open_folder(reference).args
-    tokenizer = Tokenizer(reference / "tokenizer.model")
-    texts = prompts or BUILTIN_PROMPTS
-    token_prompts = [tokenizer.encode(t) for t in texts]
+    ref = TorchRunner(reference, torch_device)
+    port = JaxRunner(converted, make_mesh(mesh) if mesh else None)
+    if ref.args != port.args:
+        raise CheckpointError(
+            converted / "params.json",
+            f"describes a different model than {reference / 'params.json'} "
+            f"({_differences(ref.args.to_dict(), port.args.to_dict())})",
+        )
+    tokenizer = Tokenizer.from_folder(reference)
+    tokenizer.check_vocab(ref.args.vocab_size, reference / "params.json")
+    prompts = [
+        p if isinstance(p, Prompt) else text_prompt(p, tokenizer)
+        for p in prompts or builtin_prompts(tokenizer)
+    ]
+    for prompt in prompts:
+        if not prompt.tokens or max(prompt.tokens) >= ref.args.vocab_size:
+            raise ValueError(
+                f"prompt {prompt.text[:40]!r} is empty or has ids beyond the vocabulary"
+            )
+    token_prompts = [list(p.tokens) for p in prompts]
 
+    step("checksums")
     checksum_problems = check_converted(converted)
     peer_states = peer_logits = None
     if peer == "hf":
+        step("peer: HF transformers")
         peer_states, peer_logits = hf_peer_outputs(reference, token_prompts, torch_device)
     elif peer is not None:
         raise ValueError(f"unknown peer {peer!r} (supported: hf)")
+
+    whole, generation = None, None
+    n = ref.args.n_layers
     with jax.default_device(jax_device):
-        layers, logits = layer_drift(
-            TorchLayers(reference, torch_device, stream=stream_layers),
-            JaxLayers(converted, jax_device, jax_mesh),
+        if not stream_layers:
+            whole, generation = _whole_models(
+                ref, port, token_prompts, dtype, max_new_tokens, tokenizer, step
+            )
+        result = drift(
+            ref,
+            port,
             token_prompts,
             dtype,
+            whole,
             peer_states,
+            lambda i: step(f"teacher-forced: block {i + 1}/{n}"),
         )
-    port_key, ref_key = ("P16", "R16") if dtype == "bfloat16" else ("P32", "R32")
-    logit_report = logit_metrics(logits[port_key], logits[ref_key]) | {
-        "noise_floor_rel_l2": relative_l2(logits["R16"], logits["R32"]),
-        "bf16_error_over_floor": relative_l2(logits["P16"], logits["R32"])
-        / relative_l2(logits["R16"], logits["R32"]),
-        "fp32_rel_l2": relative_l2(logits["P32"], logits["R32"]),
-    }
-    if peer_logits is not None:
-        logit_report["peer"] = logit_metrics(peer_logits[dtype], logits[ref_key]) | {
-            "bf16_error_over_floor": relative_l2(peer_logits["bfloat16"], logits["R32"])
-            / relative_l2(logits["R16"], logits["R32"]),
-            "fp32_rel_l2": relative_l2(peer_logits["float32"], logits["R32"]),
-        }
-    generation = None
-    if not stream_layers:
-        ref_model, port_model = load_for_generation(
-            reference, converted, dtype, torch_device, jax_device, jax_mesh
-        )
-        with jax.default_device(jax_device):
-            generation = generation_agreement(ref_model, port_model, token_prompts, max_new_tokens)
-        for entry in generation["prompts"]:
-            entry["reference_text"] = tokenizer.decode(entry["reference_ids"])
-            entry["port_text"] = tokenizer.decode(entry["port_ids"])
-        del ref_model, port_model
-
-    reasons, first_failing = judge(
-        layers, logit_report, generation, checksum_problems, dtype, thresholds
-    )
-    return {
-        "verdict": "fail" if reasons else "pass",
-        "reasons": reasons,
-        "first_failing_layer": first_failing,
-        "layers": [e for e in layers if e["index"] is not None],
-        "embeddings": layers[0],
-        "final_norm": layers[-1],
-        "logits": logit_report,
-        "generation": generation,
-        "checksums": {
-            "ok": not checksum_problems,
-            "problems": checksum_problems,
-            "inputs": _input_checksums(reference, converted),
+    return _judge(
+        result,
+        prompts,
+        dtype,
+        thresholds,
+        generation,
+        checksum_problems,
+        peer_logits,
+        Checksums(
+            ok=not checksum_problems,
+            problems=tuple(checksum_problems),
+            **_input_checksums(ref, converted),
+        ),
+        settings={
+            "model_args": ref.args.to_dict(),
+            "dtype": dtype,
+            "stream_layers": stream_layers,
+            "peer": peer,
+            "mesh": mesh,
+            "environment": _environment(torch_device, jax_device),
+            "seconds": time.perf_counter() - start,
         },
-        "thresholds": dataclasses.asdict(thresholds),
-        "prompts": [
-            {"text": t, "tokens": len(p)} for t, p in zip(texts, token_prompts, strict=True)
-        ],
-        "model_args": args.to_dict(),
-        "dtype": dtype,
-        "stream_layers": stream_layers,
-        "peer": peer,
-        "mesh": mesh,
-        "environment": _environment(torch_device, jax_device),
-        "seconds": time.perf_counter() - start,
-    }
+    )
 
 
-def judge(layers, logits, generation, checksum_problems, dtype, t: Thresholds):
-    """Reasons for failure (empty: pass) and the first block whose teacher-forced gate fails."""
-    reasons = [f"checksum: {p}" for p in checksum_problems]
-    first_failing = None
-    for entry in layers:
-        if entry["index"] is None:
-            continue
-        bad = []
-        if entry["teacher_forced_fp32_rel_l2"] > t.teacher_forced_fp32_rel_l2:
-            bad.append(
-                f"teacher-forced fp32 relative L2 {entry['teacher_forced_fp32_rel_l2']:.2e}"
-                f" > {t.teacher_forced_fp32_rel_l2:g}"
-            )
-        if dtype == "bfloat16" and (
-            entry["teacher_forced_bf16_over_floor"] > t.teacher_forced_bf16_over_floor
-        ):
-            bad.append(
-                f"teacher-forced bf16 error {entry['teacher_forced_bf16_over_floor']:.2f}×"
-                f" the noise floor > {t.teacher_forced_bf16_over_floor:g}×"
-            )
-        entry["passed"] = not bad
-        if bad:
-            reasons.append(f"{entry['name']}: {'; '.join(bad)}")
-            if first_failing is None:
-                first_failing = entry["index"]
-    if logits["fp32_rel_l2"] > t.logits_fp32_rel_l2:
-        reasons.append(
-            f"logits: fp32 relative L2 {logits['fp32_rel_l2']:.2e} > {t.logits_fp32_rel_l2:g}"
+def _whole_models(ref, port, prompts, dtype, max_new_tokens, tokenizer, step):
+    """The states of both models in `dtype` from their own whole forward, one model at a
+    time, and greedy generation while each is loaded."""
+    whole, continuations, generation = {}, [], []
+
+    def reference_generation(model):
+        continuations.extend(reference_continuations(model, prompts, max_new_tokens))
+
+    def port_generation(model):
+        generation.append(
+            generation_agreement(model, prompts, continuations, max_new_tokens, tokenizer)
         )
-    if dtype == "bfloat16":
-        for name, value in [
-            ("final norm", layers[-1]["bf16_error_over_floor"]),
-            ("logits", logits["bf16_error_over_floor"]),
-        ]:
-            if value > t.free_bf16_over_floor:
-                reasons.append(
-                    f"{name}: free-running bf16 error {value:.2f}× the noise floor "
-                    f"> {t.free_bf16_over_floor:g}×"
-                )
+
+    names = {"bfloat16": ("R16", "P16"), "float32": ("R32", "P32")}[dtype]
+    for stream, runner, then in zip(
+        names, (ref, port), (reference_generation, port_generation), strict=True
+    ):
+        step(f"whole model: {'reference' if runner is ref else 'port'} {dtype}")
+        whole[stream] = whole_model_states(runner, dtype, prompts, then)
+    return whole, generation[0]
+
+
+def _judge(
+    result: Drift,
+    prompts: list[Prompt],
+    dtype: str,
+    t: Thresholds,
+    generation: GenerationResult | None,
+    checksum_problems: list[str],
+    peer_logits: dict | None,
+    checksums: Checksums,
+    settings: dict,
+) -> Report:
+    bf16 = dtype == "bfloat16"
+    n = len(result.layers)
+    layers = [
+        layer_result(layer, bf16, t, gated=(k == n - 1)) for k, layer in enumerate(result.layers)
+    ]
+    logit_sums = free_sums(result.logits, peer_logits)
+    logits = _logit_result(result, dtype, t, logit_sums, peer_logits)
+    prompt_results = _prompt_results(result, layers, logit_sums, prompts, t)
+    reasons = [f"checksum: {p}" for p in checksum_problems]
+    reasons += [f"{layer.name}: {f}" for layer in layers for f in layer.failures]
+    reasons += [f"logits: {f}" for f in logits.failures]
     if generation is not None:
         need = (
-            t.generation_teacher_forced_top1_bf16
-            if dtype == "bfloat16"
-            else t.generation_teacher_forced_top1_fp32
+            t.generation_teacher_forced_top1_bf16 if bf16 else t.generation_teacher_forced_top1_fp32
         )
-        if generation["teacher_forced_top1"] < need:
+        if not generation.teacher_forced_top1 >= need:
             reasons.append(
                 f"generation: teacher-forced top-1 agreement "
-                f"{generation['teacher_forced_top1']:.3f} < {need:g}"
+                f"{generation.teacher_forced_top1:.3f} < {need:g}"
             )
-    return reasons, first_failing
+    reasons += [
+        f"prompt {j + 1} ({p.kind}, {p.tokens} tokens): {f}"
+        for j, p in enumerate(prompt_results)
+        for f in p.failures
+    ]
+    failing_blocks = [
+        layer.index
+        for layer in layers
+        if layer.index is not None
+        and (
+            layer.failures or any(_prompt_block_failures(layer, k, t) for k in range(len(prompts)))
+        )
+    ]
+    return Report(
+        verdict="fail" if reasons else "pass",
+        reasons=tuple(reasons),
+        first_failing_layer=min(failing_blocks, default=None),
+        failing_blocks=tuple(failing_blocks),
+        embeddings=layers[0],
+        layers=tuple(layers[1:-1]),
+        final_norm=layers[-1],
+        logits=logits,
+        generation=generation,
+        checksums=checksums,
+        thresholds=dict(t.__dict__),
+        prompts=tuple(prompt_results),
+        **settings,
+    )
 
 
-def _input_checksums(reference: Path, converted: Path) -> dict:
-    def sha(path: Path) -> str:
-        digest = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(16 * 2**20):
-                digest.update(chunk)
-        return digest.hexdigest()
-
-    weights = official_weights_file(reference)
-    return {
-        "reference_weights": {"file": weights.name, "sha256": sha(weights)},
-        "reference_params_sha256": sha(reference / "params.json"),
-        "converted_manifest_sha256": (
-            sha(converted / "manifest.json") if (converted / "manifest.json").exists() else None
+def _logit_result(result: Drift, dtype: str, t: Thresholds, sums: list, peer_logits) -> LogitResult:
+    bf16 = dtype == "bfloat16"
+    port, ref = ("P16", "R16") if bf16 else ("P32", "R32")
+    pooled = free_pooled(sums, bf16)
+    peer = None
+    if peer_logits is not None:
+        peer = PeerLogits(
+            metrics=logit_metrics(
+                np.concatenate(peer_logits[dtype]), np.concatenate(result.logits[ref])
+            ),
+            bf16_ratio=pooled["peer_bf16_ratio"],
+            fp32_error=pooled["peer_fp32_error"],
+        )
+    return LogitResult(
+        metrics=logit_metrics(
+            np.concatenate(result.logits[port]), np.concatenate(result.logits[ref])
         ),
-    }
+        floor=pooled["floor"],
+        bf16_ratio=pooled["bf16_ratio"],
+        fp32_error=pooled["fp32_error"],
+        nonfinite=pooled["nonfinite"],
+        peer=peer,
+        failures=tuple(
+            free_failures(
+                "output", pooled["bf16_ratio"], pooled["fp32_error"], pooled["nonfinite"], t
+            )
+        ),
+    )
 
 
-def _environment(torch_device: str, jax_device: jax.Device) -> dict:
-    versions = {name: _version(name) for name in ("jax", "jaxlib", "torch", "equinox", "numpy")}
+def _prompt_block_failures(layer: LayerResult, j: int, t: Thresholds) -> list[str]:
+    return [f for p in layer.pieces for f in prompt_piece_failures(p, j, t)]
+
+
+def _prompt_results(
+    result: Drift, layers: list[LayerResult], logit_sums: list, prompts: list[Prompt], t: Thresholds
+) -> list[PromptResult]:
+    """Each prompt judged alone: teacher-forced pieces of every block, final norm, logits."""
+    out = []
+    for j, prompt in enumerate(prompts):
+        failures = [
+            f"{layer.name} {f}" for layer in layers for f in _prompt_block_failures(layer, j, t)
+        ]
+        final = result.layers[-1].free_prompts[j].port32
+        for what, sums in (("final norm", final), ("logits", logit_sums[j].port32)):
+            if sums.nonfinite or exceeds(sums.rms, t.free_fp32_error):
+                failures.append(f"{what}: fp32 error {sums.rms:.2e} > {t.free_fp32_error:g}")
+        out.append(
+            PromptResult(
+                kind=prompt.kind,
+                text=prompt.text if len(prompt.text) <= 120 else prompt.text[:117] + "...",
+                tokens=len(prompt.tokens),
+                bos=prompt.bos,
+                verdict="fail" if failures else "pass",
+                failures=tuple(failures),
+            )
+        )
+    return out
+
+
+def _differences(a: dict, b: dict) -> str:
+    keys = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+    return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 * 2**20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _input_checksums(ref: TorchRunner, converted: Path) -> dict:
+    manifest = converted / "manifest.json"
     return {
-        "versions": versions,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch_device": (torch.cuda.get_device_name() if torch_device == "cuda" else "cpu"),
-        "jax_device": str(getattr(jax_device, "device_kind", jax_device)),
+        "reference_weights": tuple(
+            {"file": p.name, "sha256": _sha256(p)} for p in ref.loader.weight_files
+        ),
+        "reference_params_sha256": _sha256(ref.loader.folder / "params.json"),
+        "converted_manifest_sha256": _sha256(manifest) if manifest.exists() else None,
     }
+
+
+def _environment(torch_device: str, jax_device: jax.Device) -> Environment:
+    versions = {name: _version(name) for name in ("jax", "jaxlib", "torch", "equinox", "numpy")}
+    return Environment(
+        versions=versions,
+        python=platform.python_version(),
+        platform=platform.platform(),
+        torch_device=torch.cuda.get_device_name() if torch_device == "cuda" else "cpu",
+        jax_device=str(getattr(jax_device, "device_kind", jax_device)),
+    )
 
 
 def _version(name: str) -> str | None:

@@ -1,0 +1,143 @@
+"""Random weights that behave like a trained model: massive activations and attention sinks.
+
+Trained LLMs put a few residual channels of the first token at |h| ≈ 100–1000 after the first
+blocks while everything else stays O(1), and later heads park attention on that token (Sun et
+al. 2024, "Massive Activations in Large Language Models"; Xiao et al. 2023, "Efficient Streaming
+Language Models with Attention Sinks"). Random weights never do, so gates tuned on them are
+tuned on the wrong distribution (DESIGN.md §5). This module wires that behaviour into the random
+init of `checkpoint.tiny`, with or without BOS, from the position alone:
+
+- block 0, attention: query head A attends to itself (q = β·k), head B uniformly (q = 0); both
+  read the same values, and `wo` writes A − B into the D channels. At the first token both heads
+  see only that token, so D is exactly 0 there; later it is v_t − mean(v) ≠ 0.
+- block 0, FFN: unit pairs silu(±x)·(±x) sum to x², so channel C1 receives ‖D‖²: 0 at the first
+  token, ≥ 1 after it.
+- block 1, FFN: one unit silu(G·(θ·C0 − C1))·C0, with C0 a constant channel every embedding
+  carries, fires only where C1 ≈ 0 and writes ≈ 500 into MASSIVE[0] and ≈ −250 into MASSIVE[1].
+- blocks ≥ 2, attention: the slowest RoPE pair of every query reads C0 and of every key reads
+  MASSIVE[0], so every query attends strongly to the first token (its value reads nothing from
+  the massive channels: a sink, as in trained models).
+
+The random parts of every block never write the reserved channels, so the mechanism is exact.
+"""
+
+import torch
+
+from checkpoint.args import ModelArgs
+from checkpoint.tiny import random_state_dict
+
+C0 = 0  # constant in every embedding (a bias direction after RMSNorm)
+C1 = 1  # ‖D‖²: zero at the first token only
+MASSIVE = (2, 3)  # the massive-activation channels
+D_START = 4  # D channels: D_START … D_START + n_d - 1
+EMBEDDING_C0 = 2.0
+MASSIVE_GAIN = 100.0  # total w2 weight of the firing units; each outputs ≈ 5 at the first token
+FIRING = 8  # block-1 units that write the massive channels
+SINK_GAIN = 2.5  # q and k weight of the slowest RoPE pair (score bonus ≈ 8 on the first token)
+
+
+def d_channels(args: ModelArgs) -> int:
+    """How many channels carry D (bounded by head_dim, dim and hidden_dim)."""
+    return min(16, args.head_dim, args.dim // 4, (args.hidden_dim - 1) // 2)
+
+
+def check_supported(args: ModelArgs) -> None:
+    if args.moe is not None:
+        raise ValueError("trained-like weights are built for dense models (moe is set)")
+    if args.n_layers < 3 or args.n_heads < 2 or args.head_dim < 32 or args.dim < 64:
+        # head_dim ≥ 32: head A's own key must beat ~700 random keys by a wide margin.
+        raise ValueError(
+            "trained-like weights need n_layers ≥ 3, n_heads ≥ 2, head_dim ≥ 32 and dim ≥ 64"
+        )
+
+
+def trained_like_state_dict(args: ModelArgs, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    """fp32 weights: `checkpoint.tiny.random_state_dict` with the mechanism above wired in."""
+    check_supported(args)
+    state = random_state_dict(args, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 7919)
+    n_d = d_channels(args)
+    d = list(range(D_START, D_START + n_d))
+    reserved = [C0, C1, *MASSIVE, *d]
+    mechanism = [C0, C1, *d]  # nothing random writes these; the massive channels get a little
+    embeddings = state["tok_embeddings.weight"]
+    embeddings[:, reserved] = 0.0
+    embeddings[:, C0] = EMBEDDING_C0
+    for i in range(args.n_layers):
+        p = f"layers.{i}."
+        state[p + "attention.wo.weight"][mechanism] = 0.0
+        state[p + "feed_forward.w2.weight"][mechanism] = 0.0
+        state[p + "attention_norm.weight"][reserved] = 1.0
+        state[p + "ffn_norm.weight"][reserved] = 1.0
+        if i >= 2:  # later FFNs ignore the massive channels (their input is ≈ one-hot there)
+            state[p + "feed_forward.w1.weight"][:, list(MASSIVE)] = 0.0
+            state[p + "feed_forward.w3.weight"][:, list(MASSIVE)] = 0.0
+    _first_token_detector(state, args, d, reserved, gen)
+    _squared_norm(state, d)
+    _massive_unit(state, args, gen)
+    for i in range(2, args.n_layers):
+        _attention_sink(state, args, i, gen)
+    return state
+
+
+def _first_token_detector(state, args: ModelArgs, d, reserved, gen) -> None:
+    """Block 0: head A (self) minus head B (uniform) into the D channels."""
+    hd, rep = args.head_dim, args.n_heads // args.n_kv_heads
+    p = "layers.0.attention."
+    wq, wk, wv, wo = (state[p + f"{w}.weight"] for w in ("wq", "wk", "wv", "wo"))
+    wk[:hd, reserved] = 0.0  # keys from the token's content only
+    wq[:hd] = 3.0 * wk[:hd]  # head A: q = 3k, so its own key wins by a wide margin
+    wq[hd : 2 * hd] = 0.0  # head B: equal scores, a uniform average
+    values = torch.randn(len(d), args.dim, generator=gen) / args.dim**0.5
+    values[:, reserved] = 0.0
+    wv[:hd] = 0.0
+    wv[: len(d)] = values
+    kv_b = 1 // rep  # head B's key/value head: 0 under GQA, 1 under MHA
+    wv[kv_b * hd : (kv_b + 1) * hd] = wv[:hd]
+    wo[:, : 2 * hd] = 0.0
+    for j, channel in enumerate(d):
+        wo[channel, j], wo[channel, hd + j] = 1.0, -1.0
+
+
+def _squared_norm(state, d) -> None:
+    """Block 0 FFN: silu(x)·x + silu(−x)·(−x) = x², summed over the D channels into C1."""
+    p = "layers.0.feed_forward."
+    w1, w2, w3 = (state[p + f"{w}.weight"] for w in ("w1", "w2", "w3"))
+    units = 2 * len(d)
+    w1[:units], w3[:units], w2[:, :units] = 0.0, 0.0, 0.0
+    for j, channel in enumerate(d):
+        for sign, unit in ((1.0, 2 * j), (-1.0, 2 * j + 1)):
+            w1[unit, channel] = w3[unit, channel] = sign
+            w2[C1, unit] = 1.0
+
+
+def _massive_unit(state, args: ModelArgs, gen) -> None:
+    """Block 1 FFN: units 0…FIRING-1 fire where C1 ≈ 0 (the first token) and write the massive
+    channels. Their inputs carry a little of every channel, so the massive value is a sum over
+    many rounded terms, as in a trained model (two bf16 implementations then round it apart)."""
+    p = "layers.1.feed_forward."
+    w1, w2, w3 = (state[p + f"{w}.weight"] for w in ("w1", "w2", "w3"))
+    units = slice(0, FIRING)
+    noise = 0.1 / args.dim**0.5
+    w1[units] = noise * torch.randn(FIRING, args.dim, generator=gen)
+    w3[units] = noise * torch.randn(FIRING, args.dim, generator=gen)
+    w1[units, C0] += 4.0  # G·(θ·C0 − C1), G = 8, θ = 0.5
+    w1[units, C1] += -8.0
+    w3[units, C0] += 1.0
+    share = (1 + 0.2 * torch.randn(FIRING, generator=gen)) * MASSIVE_GAIN / FIRING
+    w2[MASSIVE[0], units] = share
+    w2[MASSIVE[1], units] = -share / 2
+
+
+def _attention_sink(state, args: ModelArgs, block: int, gen) -> None:
+    """Queries read C0 and keys read the massive channel on the slowest RoPE pair."""
+    hd = args.head_dim
+    p = f"layers.{block}.attention."
+    wq, wk, wv = (state[p + f"{w}.weight"] for w in ("wq", "wk", "wv"))
+    wv[:, list(MASSIVE)] = 0.0  # the sink's value carries nothing of the massive channels
+    wq[:, list(MASSIVE)] = 0.0
+    strength = 0.6 + 0.6 * torch.rand(args.n_heads, generator=gen)  # sinks of varied strength
+    for h in range(args.n_heads):
+        wq[h * hd + hd - 2, C0] = SINK_GAIN * float(strength[h])
+    for kv in range(args.n_kv_heads):
+        wk[kv * hd + hd - 2, MASSIVE[0]] = SINK_GAIN

@@ -1,0 +1,57 @@
+"""The gate table in CI: clean ports pass on random and trained-like weights (massive
+activations, attention sinks) for prompts of 1–641 tokens with and without BOS, and every fault
+of tests/faults.py fails in exactly the blocks it was put in (README "Gates")."""
+
+import pytest
+from faults import CODE_FAULTS, WEIGHT_FAULTS
+from gate_cases import CONFIGS, FAULTY_BLOCKS, SEEDS, Case, cases, prompts, run_case, write_source
+
+CASES = cases()
+
+
+@pytest.fixture(scope="module")
+def table(tmp_path_factory):
+    """Every case's report, computed lazily once (cases share compilations)."""
+    work = tmp_path_factory.mktemp("gates")
+    sources, reports, prompt_list = {}, {}, prompts()
+
+    def report(case: Case):
+        if case not in reports:
+            key = (case.config, case.seed)
+            if key not in sources:
+                sources[key] = write_source(*key, work / f"clean-{case.config}-{case.seed}")
+            reports[case] = run_case(case, sources[key], work / "run", prompt_list)
+        return reports[case]
+
+    return report
+
+
+def test_the_prompts_span_one_to_hundreds_of_tokens_with_and_without_bos():
+    lengths = [len(p.tokens) for p in prompts()]
+    assert min(lengths) == 1 and max(lengths) > 600
+    assert {p.bos for p in prompts()} == {True, False}
+    assert "chat" in {p.kind for p in prompts()}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.fault is None], ids=lambda c: c.id)
+def test_a_correct_port_passes(table, case):
+    report = table(case)
+    assert report.verdict == "pass", report.reasons
+    assert all(p.verdict == "pass" for p in report.prompts)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.fault], ids=lambda c: c.id)
+def test_a_fault_fails_in_exactly_its_blocks(table, case):
+    report = table(case)
+    assert report.verdict == "fail"
+    assert report.failing_blocks == FAULTY_BLOCKS, report.reasons[:6]
+    assert report.first_failing_layer == FAULTY_BLOCKS[0]
+    for layer in report.layers:
+        assert bool(layer.failures) == (layer.index in FAULTY_BLOCKS), layer.failures
+
+
+def test_the_table_covers_every_fault_on_both_configs_and_the_clean_seeds():
+    faults = {(c.config, c.fault) for c in CASES if c.fault and c.dtype == "bfloat16"}
+    assert faults == {(c, f) for c in CONFIGS for f in [*WEIGHT_FAULTS, *CODE_FAULTS]}
+    clean = {(c.config, c.seed) for c in CASES if c.fault is None and c.dtype == "bfloat16"}
+    assert clean == {(c, s) for c in CONFIGS for s in SEEDS}

@@ -1,0 +1,145 @@
+"""What `run_verification` returns: frozen dataclasses, turned into JSON only when written."""
+
+import dataclasses
+import json
+import math
+
+from verify.metrics import LogitMetrics, StateMetrics
+
+
+@dataclasses.dataclass(frozen=True)
+class PieceResult:
+    """One piece of one block, teacher-forced (see verify/drift.py)."""
+
+    piece: str  # attention_norm, attention, ffn_norm, feed_forward or block
+    bf16_ratio: float | None  # port bf16 error ÷ reference bf16 error, same input and truth
+    fp32_error: float  # scale-aware error of the port in fp32
+    nonfinite: int  # NaN/Inf values in the port's outputs
+    prompt_bf16_ratios: tuple[float, ...]
+    prompt_fp32_errors: tuple[float, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerResult:
+    name: str
+    index: int | None  # block index; None for embeddings and final norm
+    free: StateMetrics  # free-running, port vs reference in the verified dtype
+    free_floor: float | None  # the reference's own bf16 error (scale-aware), free-running
+    free_bf16_ratio: float | None  # port bf16 error ÷ that floor
+    free_fp32_error: float
+    free_nonfinite: int
+    peer_bf16_ratio: float | None
+    peer_fp32_error: float | None
+    pieces: tuple[PieceResult, ...]
+    failures: tuple[str, ...]
+
+    @property
+    def block_bf16_ratio(self) -> float | None:
+        return next((p.bf16_ratio for p in self.pieces if p.piece == "block"), None)
+
+
+@dataclasses.dataclass(frozen=True)
+class PeerLogits:
+    metrics: LogitMetrics
+    bf16_ratio: float
+    fp32_error: float
+
+
+@dataclasses.dataclass(frozen=True)
+class LogitResult:
+    metrics: LogitMetrics  # port vs reference in the verified dtype
+    floor: float | None
+    bf16_ratio: float | None
+    fp32_error: float
+    nonfinite: int
+    peer: PeerLogits | None
+    failures: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptResult:
+    kind: str  # text, tokens or chat
+    text: str
+    tokens: int
+    bos: bool
+    verdict: str
+    failures: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationPrompt:
+    reference_ids: tuple[int, ...]
+    port_ids: tuple[int, ...]
+    reference_text: str
+    port_text: str
+    exact_match: bool
+    matched_prefix: int
+    first_divergence: int | None
+    teacher_forced_top1: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationResult:
+    max_new_tokens: int
+    exact_match_prompts: int
+    prompts: tuple[GenerationPrompt, ...]
+    teacher_forced_top1: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Checksums:
+    ok: bool
+    problems: tuple[str, ...]
+    reference_weights: tuple[dict, ...]  # {"file", "sha256"}
+    reference_params_sha256: str
+    converted_manifest_sha256: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Environment:
+    versions: dict
+    python: str
+    platform: str
+    torch_device: str
+    jax_device: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Report:
+    verdict: str  # "pass" or "fail"
+    reasons: tuple[str, ...]
+    first_failing_layer: int | None  # the first block with a failing gate
+    failing_blocks: tuple[int, ...]  # every block with a failing gate, pooled or on a prompt
+    embeddings: LayerResult
+    layers: tuple[LayerResult, ...]  # the blocks
+    final_norm: LayerResult
+    logits: LogitResult
+    generation: GenerationResult | None
+    checksums: Checksums
+    thresholds: dict
+    prompts: tuple[PromptResult, ...]
+    model_args: dict
+    dtype: str
+    stream_layers: bool
+    peer: str | None
+    mesh: str | None
+    environment: Environment
+    seconds: float
+
+    @property
+    def passed(self) -> bool:
+        return self.verdict == "pass"
+
+    def to_json(self) -> str:
+        """JSON with non-finite numbers written as strings ("nan", "inf"), valid everywhere."""
+        return json.dumps(_finite(dataclasses.asdict(self)), indent=2) + "\n"
+
+
+def _finite(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
