@@ -1,12 +1,19 @@
 """`ModelArgs`: the fields of an official `params.json`, validated on construction.
 
-Mirrors mistral-inference `args.py` (`TransformerArgs`, `MoeArgs`), with two deliberate
-differences: `rope_theta` defaults to 10000 when absent (v0.1; mistral-inference's `or 1e6` is
-wrong there) and unknown keys are refused instead of silently dropped.
+Mirrors mistral-inference `args.py` (`TransformerArgs`, `MoeArgs`) for text models, with two
+deliberate differences: `rope_theta` defaults to 10000 when absent (v0.1; mistral-inference's
+`or 1e6` is wrong there) and unknown keys are refused instead of silently dropped.
+
+`sliding_window` is an int, or a list that repeats over the layers (`n_layers % len == 0`,
+`null` = full attention for that layer; Ministral 8B interleaves windowed and full layers), or
+null; `_sliding_window` is the same under the name vLLM reads (mistral-inference accepts one
+of the two). `layer_windows` gives every layer's window, `window_pattern` the shortest unit
+that repeats.
 """
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +21,12 @@ from checkpoint.errors import CheckpointError
 
 # Keys some params.json files carry that describe the runtime, not the weights.
 IGNORED_KEYS = frozenset({"max_batch_size", "max_seq_len"})
+# Keys mistral-inference reads that change the model in ways these models do not implement.
+UNSUPPORTED_KEYS = {
+    "lora": "LoRA adapters",
+    "vision_encoder": "a vision encoder (multimodal model)",
+    "quantization": "quantized weights",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +57,8 @@ class ModelArgs:
     norm_eps: float
     vocab_size: int
     head_dim: int | None = None  # None: dim // n_heads (filled in by __post_init__)
-    sliding_window: int | None = None
+    # A list becomes a tuple of its shortest repeating unit, or the single value if uniform.
+    sliding_window: int | tuple[int | None, ...] | None = None
     rope_theta: float = 10000.0
     moe: MoeArgs | None = None
 
@@ -55,12 +69,21 @@ class ModelArgs:
             self,
             ("dim", "n_layers", "hidden_dim", "n_heads", "n_kv_heads", "vocab_size", "head_dim"),
         )
-        if self.sliding_window is not None:
-            _check_positive_ints(self, ("sliding_window",))
+        if isinstance(self.sliding_window, list):
+            object.__setattr__(self, "sliding_window", tuple(self.sliding_window))
+        _check_windows(self.sliding_window, self.n_layers)
+        if isinstance(self.sliding_window, tuple):  # canonical: the unit that repeats
+            pattern = self.window_pattern
+            object.__setattr__(self, "sliding_window", pattern if len(pattern) > 1 else pattern[0])
         for name in ("norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not math.isfinite(value)
+                or value <= 0
+            ):
+                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads ({self.n_heads}) is not divisible by n_kv_heads ({self.n_kv_heads})"
@@ -70,9 +93,45 @@ class ModelArgs:
         if self.moe is not None and not isinstance(self.moe, MoeArgs):
             raise ValueError(f"moe must be MoeArgs, got {type(self.moe).__name__}")
 
+    @property
+    def layer_windows(self) -> tuple[int | None, ...]:
+        """Every layer's window (None: full attention)."""
+        if isinstance(self.sliding_window, tuple):
+            return self.sliding_window * (self.n_layers // len(self.sliding_window))
+        return (self.sliding_window,) * self.n_layers
+
+    @property
+    def window_pattern(self) -> tuple[int | None, ...]:
+        """The shortest run of windows that repeats over the layers (one entry when uniform)."""
+        windows = self.layer_windows
+        period = next(
+            p
+            for p in range(1, len(windows) + 1)
+            if len(windows) % p == 0 and windows == windows[:p] * (len(windows) // p)
+        )
+        return windows[:period]
+
+    @property
+    def shortest_window(self) -> int | None:
+        """The smallest window of any layer (None: every layer attends over everything)."""
+        return min((w for w in self.layer_windows if w is not None), default=None)
+
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> "ModelArgs":
-        """Build from a parsed params.json; unknown keys raise ValueError listing them."""
+        """Build from a parsed params.json; ValueError naming unknown or unsupported keys."""
+        params = dict(params)
+        for name, what in UNSUPPORTED_KEYS.items():
+            if params.get(name) is not None:
+                raise ValueError(f"key {name!r} is unsupported ({what})")
+            params.pop(name, None)
+        model_type = params.pop("model_type", "transformer")
+        if model_type != "transformer":
+            raise ValueError(f"model_type {model_type!r} is unsupported (only 'transformer')")
+        if "_sliding_window" in params:
+            alias = params.pop("_sliding_window")
+            if params.get("sliding_window") is not None and alias is not None:
+                raise ValueError("both sliding_window and _sliding_window are set")
+            params["sliding_window"] = params.get("sliding_window") or alias
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(params) - known - IGNORED_KEYS)
         if unknown:
@@ -117,11 +176,35 @@ class ModelArgs:
             raise CheckpointError(path, str(err)) from None
 
     def to_dict(self) -> dict[str, Any]:
-        """The params.json form: None-valued optional keys are left out."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The params.json form: None-valued optional keys are left out, a window list stays
+        a list."""
+        values = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        if isinstance(self.sliding_window, tuple):
+            values["sliding_window"] = list(self.sliding_window)
+        return values
 
     def to_json(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+def _check_windows(window, n_layers: int) -> None:
+    """An int > 0, None, or a non-empty list of those dividing n_layers."""
+
+    def positive_int(w) -> bool:
+        return isinstance(w, int) and not isinstance(w, bool) and w > 0
+
+    if window is None or positive_int(window):
+        return
+    if not isinstance(window, tuple) or not window:
+        raise ValueError(
+            f"sliding_window must be a positive integer, a list or null, got {window!r}"
+        )
+    if not all(w is None or positive_int(w) for w in window):
+        raise ValueError(f"sliding_window entries must be positive ints or null, got {window!r}")
+    if n_layers % len(window):
+        raise ValueError(
+            f"sliding_window has {len(window)} entries, which does not divide n_layers ({n_layers})"
+        )
 
 
 def _check_positive_ints(obj: object, names: tuple[str, ...]) -> None:

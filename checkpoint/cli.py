@@ -9,7 +9,7 @@ from checkpoint.cli_errors import OneLineErrors
 from checkpoint.errors import CheckpointError
 from checkpoint.presets import PRESETS, preset
 from checkpoint.synthetic import write_synthetic_checkpoint
-from checkpoint.tiny import TINY_ARGS, write_tiny_checkpoint
+from checkpoint.tiny import TINY_ARGS, WEIGHTS_FORMATS, write_tiny_checkpoint
 from checkpoint.trained_like import trained_like_state_dict
 
 
@@ -32,7 +32,7 @@ from checkpoint.trained_like import trained_like_state_dict
 @click.option(
     "--format",
     "weights_format",
-    type=click.Choice(["pth", "safetensors"]),
+    type=click.Choice(list(WEIGHTS_FORMATS)),
     default="pth",
     show_default=True,
 )

@@ -1,7 +1,8 @@
 """Open a checkpoint folder (official or converted) as `ModelArgs` + a validated tensor table.
 
-Official: `params.json` + exactly one of `consolidated.00.pth` / `consolidated.safetensors`.
-Converted: `params.json` + `model.safetensors.index.json` + the shards it names.
+Official: `params.json` + exactly one of `consolidated.00.pth`, `consolidated.safetensors`, or
+`consolidated.safetensors.index.json` naming `consolidated-0000i-of-0000N.safetensors` (large
+releases). Converted: `params.json` + `model.safetensors.index.json` + the shards it names.
 Nothing here reads tensor data: records say where the bytes lie, `TensorRecord.array()` maps them.
 """
 
@@ -18,7 +19,9 @@ from checkpoint.tensors import TensorRecord
 
 PTH_NAME = "consolidated.00.pth"
 SAFETENSORS_NAME = "consolidated.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
+CONSOLIDATED_INDEX_NAME = "consolidated.safetensors.index.json"  # split official weights
+INDEX_NAME = "model.safetensors.index.json"  # converted and HF folders
+OFFICIAL_WEIGHTS = (PTH_NAME, SAFETENSORS_NAME, CONSOLIDATED_INDEX_NAME)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,13 +32,18 @@ class CheckpointFolder:
     weights: tuple[Path, ...]  # the weight files the tensors come from
 
 
-def official_weights_file(folder: Path) -> Path:
-    """The one consolidated weights file of an official folder."""
-    found = [folder / n for n in (PTH_NAME, SAFETENSORS_NAME) if (folder / n).exists()]
+def weights_entry(folder: Path) -> Path:
+    """The file the weights are found from: the one consolidated weights file (or its index)
+    of an official folder, else a converted folder's index."""
+    found = [folder / n for n in OFFICIAL_WEIGHTS if (folder / n).exists()]
+    if not found and (folder / INDEX_NAME).exists():
+        return folder / INDEX_NAME
     if len(found) != 1:
-        which = "both" if found else "neither"
+        which = ", ".join(p.name for p in found) or "none"
         raise CheckpointError(
-            folder, f"expected exactly one of {PTH_NAME} and {SAFETENSORS_NAME}, found {which}"
+            folder,
+            f"expected exactly one of {', '.join(OFFICIAL_WEIGHTS)} (or a converted "
+            f"{INDEX_NAME}), found {which}",
         )
     return found[0]
 
@@ -46,11 +54,10 @@ def open_folder(folder: str | Path) -> CheckpointFolder:
     if not folder.is_dir():
         raise CheckpointError(folder, "not a directory")
     args = ModelArgs.from_json(folder / "params.json")
-    if (folder / INDEX_NAME).exists():
-        tensors, weights = read_sharded_table(folder / INDEX_NAME)
-        blame = folder / INDEX_NAME
+    blame = weights_entry(folder)
+    if blame.name.endswith(".index.json"):
+        tensors, weights = read_sharded_table(blame)
     else:
-        blame = official_weights_file(folder)
         reader = read_pth_table if blame.suffix == ".pth" else read_safetensors_table
         tensors, weights = reader(blame), (blame,)
     raise_spec_problems(blame, {k: r.shape for k, r in tensors.items()}, args)

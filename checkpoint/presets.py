@@ -1,4 +1,8 @@
-"""params.json of the published checkpoints (DESIGN.md §1), for specs, benchmarks and demos."""
+"""params.json of the published text releases (DESIGN.md §1), for specs, benchmarks and demos.
+
+Values are those of each release's params.json in its Hugging Face repo (named per entry);
+tests/test_spec.py checks each against the release's published parameter count.
+"""
 
 import dataclasses
 
@@ -7,16 +11,55 @@ from checkpoint.args import ModelArgs, MoeArgs
 _7B = dict(
     dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8, norm_eps=1e-5
 )
+# Codestral 22B and Mistral Small 22B share this shape (and Mixtral 8x22B's, without experts).
+_22B = dict(
+    dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8, norm_eps=1e-5
+)
+_NEMO = _7B | {"dim": 5120, "n_layers": 40}
 
 PRESETS: dict[str, ModelArgs] = {
+    # mistralai/Mistral-7B-v0.1 (window 4096, no rope_theta: 10000)
     "7b-v0.1": ModelArgs(**_7B, vocab_size=32000, sliding_window=4096),
+    # mistralai/Mistral-7B-Instruct-v0.2
     "7b-v0.2": ModelArgs(**_7B, vocab_size=32000, rope_theta=1e6),
+    # mistralai/Mistral-7B-v0.3
     "7b-v0.3": ModelArgs(**_7B, vocab_size=32768, rope_theta=1e6),
-    "nemo-12b": ModelArgs(
-        **(_7B | {"dim": 5120, "n_layers": 40}), vocab_size=131072, rope_theta=1e6
-    ),
+    # mistralai/Mathstral-7B-v0.1
+    "mathstral-7b": ModelArgs(**_7B, vocab_size=32768, rope_theta=1e6),
+    # mistralai/Mixtral-8x7B-v0.1
     "mixtral-8x7b": ModelArgs(
         **_7B, vocab_size=32000, rope_theta=1e6, moe=MoeArgs(num_experts=8, num_experts_per_tok=2)
+    ),
+    # mistralai/Mixtral-8x22B-v0.1
+    "mixtral-8x22b": ModelArgs(
+        **_22B, vocab_size=32768, rope_theta=1e6, moe=MoeArgs(num_experts=8, num_experts_per_tok=2)
+    ),
+    # mistralai/Mistral-Nemo-Base-2407 (head_dim 128 ≠ dim / n_heads)
+    "nemo-12b": ModelArgs(**_NEMO, vocab_size=131072, rope_theta=1e6),
+    # mistralai/Codestral-22B-v0.1
+    "codestral-22b": ModelArgs(**_22B, vocab_size=32768, rope_theta=1e6),
+    # mistralai/Mistral-Small-Instruct-2409
+    "small-22b": ModelArgs(**_22B, vocab_size=32768, rope_theta=1e6),
+    # mistralai/Mistral-Small-24B-Base-2501
+    "small-24b": ModelArgs(**(_NEMO | {"hidden_dim": 32768}), vocab_size=131072, rope_theta=1e8),
+    # mistralai/Ministral-8B-Instruct-2410: a 128k window, then three 32k ones ("ragged")
+    "ministral-8b": ModelArgs(
+        **(_7B | {"n_layers": 36, "hidden_dim": 12288}),
+        vocab_size=131072,
+        rope_theta=1e8,
+        sliding_window=(131072, 32768, 32768, 32768),
+    ),
+    # mistralai/Mistral-Large-Instruct-2407
+    "large-2-123b": ModelArgs(
+        dim=12288,
+        n_layers=88,
+        head_dim=128,
+        hidden_dim=28672,
+        n_heads=96,
+        n_kv_heads=8,
+        norm_eps=1e-5,
+        vocab_size=32768,
+        rope_theta=1e6,
     ),
 }
 

@@ -6,6 +6,7 @@ scale through the blocks. The output head is scaled so logits have standard devi
 """
 
 import importlib.resources
+import json
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoint.args import ModelArgs
-from checkpoint.folder import PTH_NAME, SAFETENSORS_NAME
+from checkpoint.folder import CONSOLIDATED_INDEX_NAME, PTH_NAME, SAFETENSORS_NAME
 from checkpoint.spec import tensor_spec
 
 # The embedded default: small enough to run everywhere in seconds, with the real v0.1 vocabulary,
@@ -85,6 +86,25 @@ def random_state_dict(
     return state
 
 
+WEIGHTS_FORMATS = ("pth", "safetensors", "split-safetensors")
+
+
+def write_split_safetensors(folder: Path, state: dict[str, torch.Tensor], shards: int) -> None:
+    """Large releases' layout: consolidated-0000i-of-0000N.safetensors (tensors in order) and
+    consolidated.safetensors.index.json mapping each tensor to its file."""
+    names = list(state)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for i in range(shards):
+        file = f"consolidated-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: state[n].contiguous() for n in names[i * per : (i + 1) * per]}
+        save_file(part, folder / file)
+        weight_map |= dict.fromkeys(part, file)
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / CONSOLIDATED_INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
 def write_tiny_checkpoint(
     folder: str | Path,
     args: ModelArgs = TINY_ARGS,
@@ -112,8 +132,12 @@ def write_tiny_checkpoint(
         torch.save(state, folder / PTH_NAME)
     elif weights_format == "safetensors":
         save_file(state, folder / SAFETENSORS_NAME)
+    elif weights_format == "split-safetensors":
+        write_split_safetensors(folder, state, shards=2)
     else:
-        raise ValueError(f"weights_format must be 'pth' or 'safetensors', got {weights_format!r}")
+        raise ValueError(
+            f"weights_format must be one of {', '.join(WEIGHTS_FORMATS)}, got {weights_format!r}"
+        )
     if tokenizer is not False:
         copy_tokenizer(folder, args.vocab_size, tokenizer)
     return folder

@@ -21,6 +21,7 @@ from checkpoint.folder import INDEX_NAME
 from checkpoint.hf import hf_config, interleaved_to_halves, rotary_heads, to_hf_name
 from checkpoint.tensors import NUMPY_DTYPES, TensorRecord
 from checkpoint.tokenizer import Tokenizer
+from convert.hub import hub_folder, is_repo_id
 from convert.manifest import sha256_file, write_manifest
 from convert.progress import Progress
 from convert.safetensors_header import header_bytes
@@ -52,14 +53,35 @@ def convert_checkpoint(
     layout: str = "official",
     progress: Progress | None = None,
 ) -> ConvertSummary:
-    """Convert the checkpoint folder `src` into `out`; CheckpointError on bad input.
+    """Convert the checkpoint `src` into `out`; CheckpointError on bad input.
 
-    `src` is an official folder or an HF transformers folder; `layout` "official" writes
-    official names (byte copies), "hf" writes HF names, config.json and wq/wk permuted for
-    rotate_half. `progress` is told the total tensor bytes, then every chunk written.
+    `src` is an official folder, an HF transformers folder, or a hub repo id (`org/name`, only
+    the needed files fetched, `convert.hub`); `layout` "official" writes official names (byte
+    copies), "hf" writes HF names, config.json and wq/wk permuted for rotate_half.
+    `progress` is told the total tensor bytes, then every chunk written.
     """
+    if isinstance(src, str) and is_repo_id(src):
+        with hub_folder(src) as (folder, commit):
+            origin = {"hub_repo": src, "revision": commit}
+            return _convert(
+                folder, Path(out), origin, max_shard_size, dtype, overwrite, layout, progress
+            )
+    src = Path(src)
+    origin = {"folder": str(src.resolve())}
+    return _convert(src, Path(out), origin, max_shard_size, dtype, overwrite, layout, progress)
+
+
+def _convert(
+    src: Path,
+    out: Path,
+    origin: dict,
+    max_shard_size: str | int,
+    dtype: str | None,
+    overwrite: bool,
+    layout: str,
+    progress: Progress | None,
+) -> ConvertSummary:
     start = time.perf_counter()
-    src, out = Path(src), Path(out)
     if (dtype or "keep") not in TARGET_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(TARGET_DTYPES)}, got {dtype!r}")
     target = TARGET_DTYPES[dtype or "keep"]
@@ -83,8 +105,7 @@ def convert_checkpoint(
         files, shards = _write_folder(
             checkpoint, tokenizer.path, partial, target, max_bytes, layout, progress
         )
-        source = {
-            "folder": str(src.resolve()),
+        source = origin | {
             "layout": checkpoint.layout,
             "weights": [{"file": p.name, "bytes": p.stat().st_size} for p in checkpoint.weights],
             "dtype": sorted({r.dtype for r in checkpoint.tensors.values()}),

@@ -1,5 +1,6 @@
 """What the converter reads: an official folder, or an HF transformers folder mapped back to
-official names (wq/wk rows restored to interleaved-pair order on the fly)."""
+official names (wq/wk rows restored to interleaved-pair order on the fly; a head tied to the
+embeddings written out as output.weight)."""
 
 import dataclasses
 import json
@@ -41,9 +42,15 @@ def open_source(folder: Path) -> Source:
         )
     config_path = folder / "config.json"
     try:
-        args = args_from_hf_config(json.loads(config_path.read_text()))
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-        raise CheckpointError(config_path, f"not a Mistral/Mixtral config ({err})") from None
+        config = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+        raise CheckpointError(config_path, f"not valid JSON ({err})") from None
+    try:
+        args, tied = args_from_hf_config(config)
+    except KeyError as err:
+        raise CheckpointError(config_path, f"missing key {err}") from None
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(config_path, str(err)) from None
     if (folder / INDEX_NAME).exists():
         stored, weights = read_sharded_table(folder / INDEX_NAME)
         blame = folder / INDEX_NAME
@@ -55,6 +62,13 @@ def open_source(folder: Path) -> Source:
     except ValueError as err:
         raise CheckpointError(blame, str(err)) from None
     tensors = {names[n]: record for n, record in stored.items()}
+    if tied:  # the head is the embedding table: materialise output.weight from it
+        if "output.weight" in tensors:
+            raise CheckpointError(
+                blame, "tie_word_embeddings is true but lm_head.weight is stored: ambiguous"
+            )
+        if "tok_embeddings.weight" in tensors:
+            tensors["output.weight"] = tensors["tok_embeddings.weight"]
     raise_spec_problems(blame, {k: r.shape for k, r in tensors.items()}, args)
     transforms = {}
     for name in tensors:

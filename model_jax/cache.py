@@ -1,7 +1,10 @@
 """Rolling-buffer KV cache as an immutable pytree — mirrors `reference_torch/cache.py`.
 
-Absolute position p lives in slot p % slots; `positions[s]` is the position slot s holds
-(-1: empty). Attention masks by these positions, so the buffer is never un-rolled.
+Layers repeat the window pattern of params.json (`ModelArgs.window_pattern`), so the cache holds
+one buffer per position in that pattern, stacked over the groups of layers: W slots where the
+window is W, the whole capacity where attention is full. Absolute position p lives in slot
+p % slots; `positions[k][s]` is the position slot s holds (-1: empty). Attention masks by these
+positions, so the buffer is never un-rolled.
 """
 
 import equinox as eqx
@@ -9,25 +12,32 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Shaped
 
 from checkpoint.args import ModelArgs
+from reference_torch.cache import cache_slots
 
 
 class KVCache(eqx.Module):
-    k: Float[Array, "layers slots kv_heads head_dim"]
-    v: Float[Array, "layers slots kv_heads head_dim"]
-    positions: Int[Array, " slots"]
+    k: tuple[Float[Array, "groups _slots kv_heads head_dim"], ...]  # one per pattern position
+    v: tuple[Float[Array, "groups _slots kv_heads head_dim"], ...]
+    positions: tuple[Int[Array, " _slots"], ...]
 
     @classmethod
     def empty(cls, args: ModelArgs, capacity: int, dtype=jnp.bfloat16) -> "KVCache":
-        """A cache for sequences up to `capacity` tokens; a window caps the slots at W."""
-        slots = min(capacity, args.sliding_window) if args.sliding_window else capacity
-        shape = (args.n_layers, slots, args.n_kv_heads, args.head_dim)
-        return cls(
-            jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.full((slots,), -1, jnp.int32)
-        )
+        """A cache for sequences up to `capacity` tokens."""
+        pattern = args.window_pattern
+        groups = args.n_layers // len(pattern)
+        k, v, positions = [], [], []
+        for window in pattern:
+            slots = cache_slots(window, capacity)
+            shape = (groups, slots, args.n_kv_heads, args.head_dim)
+            k.append(jnp.zeros(shape, dtype))
+            v.append(jnp.zeros(shape, dtype))
+            positions.append(jnp.full((slots,), -1, jnp.int32))
+        return cls(tuple(k), tuple(v), tuple(positions))
 
     @property
-    def slots(self) -> int:
-        return self.positions.shape[0]
+    def slots(self) -> tuple[int, ...]:
+        """Slots of each pattern position's buffer."""
+        return tuple(p.shape[-1] for p in self.positions)
 
 
 def write_slots(

@@ -42,8 +42,13 @@ class TextStreamer:
 @click.option("--seed", default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True)
 @click.option("--mesh", "mesh_spec", help="Shard over DATAxMODEL devices, e.g. 1x8.")
+@click.option(
+    "--chat",
+    is_flag=True,
+    help="Each prompt is a user message, rendered with the folder's instruct tokenizer.",
+)
 def main(
-    folder, prompts, max_new_tokens, temperature, top_p, top_k, seed, dtype, mesh_spec
+    folder, prompts, max_new_tokens, temperature, top_p, top_k, seed, dtype, mesh_spec, chat
 ) -> None:
     """Continue each PROMPT with the model in FOLDER (official or converted)."""
     try:
@@ -51,6 +56,10 @@ def main(
         mesh = make_mesh(mesh_spec) if mesh_spec else None
         model = load_model(folder, dtype=DTYPES[dtype], mesh=mesh)
         tokenizer.check_vocab(model.args.vocab_size, f"{folder}/params.json")
+        encoded = [
+            tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else tokenizer.encode(p)
+            for p in prompts
+        ]
     except (CheckpointError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
@@ -60,7 +69,7 @@ def main(
         click.echo(text, nl=False)
         generate(
             model,
-            [tokenizer.encode(text)],
+            [encoded[i]],
             max_new_tokens=max_new_tokens,
             temperature=temperature,
             top_p=top_p,

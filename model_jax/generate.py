@@ -59,7 +59,7 @@ def generate(
     args = model.args
     lengths = np.array([len(p) for p in prompts])
     longest = int(lengths.max())
-    chunk = min(chunk_size or args.sliding_window or DEFAULT_CHUNK, bucket(longest))
+    chunk = min(chunk_size or args.shortest_window or DEFAULT_CHUNK, bucket(longest))
     capacity = bucket(longest + max_new_tokens)
     batch = len(prompts)
     cache = jax.vmap(lambda _: KVCache.empty(args, capacity, model.dtype))(jnp.arange(batch))

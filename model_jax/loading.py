@@ -102,7 +102,9 @@ class PortLoader:
 
     def block(self, i: int, *, dtype=jnp.bfloat16, mesh: Mesh | None = None) -> TransformerBlock:
         """Block `i` alone."""
-        return TransformerBlock.load(self.args, self._getter(dtype, mesh), f"layers.{i}.")
+        return TransformerBlock.load(
+            self.args, self._getter(dtype, mesh), f"layers.{i}.", self.args.layer_windows[i]
+        )
 
 
 def skeleton(args: ModelArgs, dtype) -> Transformer:

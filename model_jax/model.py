@@ -2,11 +2,13 @@
 with the same parameter names, so the checkpoint key map is the identity.
 
 The blocks are stored stacked (every leaf of `Transformer.layers` has a leading `layers` axis)
-and run with `lax.scan`, so the compiled program does not grow with depth. Numerics follow the
-reference op for op: fp32 RMSNorm / RoPE / softmax / SiLU, bf16 products rounded where torch
-rounds them, fp32 logits.
+and run with `lax.scan` over groups of one window-pattern period, so the compiled program does
+not grow with depth; each layer attends over its own window (params.json may give a list).
+Numerics follow the reference op for op: fp32 RMSNorm / RoPE / softmax / SiLU, bf16 products
+rounded where torch rounds them, fp32 logits.
 """
 
+import dataclasses
 from collections.abc import Callable
 
 import equinox as eqx
@@ -130,9 +132,16 @@ class TransformerBlock(eqx.Module):
         h = x + attn
         return h + self.feed_forward(self.ffn_norm(h)), xk, xv
 
+    def with_window(self, window: int | None) -> "TransformerBlock":
+        """The same block attending over `window` keys (None: all)."""
+        attention = dataclasses.replace(self.attention, sliding_window=window)
+        return eqx.tree_at(lambda b: b.attention, self, attention)
+
     @classmethod
-    def load(cls, args: ModelArgs, get: Getter, prefix: str) -> "TransformerBlock":
-        """Build from checkpoint names `{prefix}attention.wq.weight`, …"""
+    def load(
+        cls, args: ModelArgs, get: Getter, prefix: str, window: int | None
+    ) -> "TransformerBlock":
+        """Build from checkpoint names `{prefix}attention.wq.weight`, …, with this window."""
 
         def linear(name: str) -> Linear:
             return Linear(get(f"{prefix}{name}.weight"))
@@ -146,7 +155,7 @@ class TransformerBlock(eqx.Module):
                 args.n_heads,
                 args.n_kv_heads,
                 args.head_dim,
-                args.sliding_window,
+                window,
             ),
             feed_forward=_feed_forward(args, get, prefix),
             attention_norm=RMSNorm(get(f"{prefix}attention_norm.weight"), args.norm_eps),
@@ -171,7 +180,9 @@ def _feed_forward(args: ModelArgs, get: Getter, prefix: str) -> FeedForward | Mo
 
 class Transformer(eqx.Module):
     tok_embeddings: Embedding
-    layers: TransformerBlock  # every leaf stacked over a leading `layers` axis
+    # Every leaf stacked over a leading `layers` axis; each layer's window is applied from
+    # `args.window_pattern` when the blocks run (`run_layers`).
+    layers: TransformerBlock
     norm: RMSNorm
     output: Linear
     args: ModelArgs = eqx.field(static=True)
@@ -181,7 +192,7 @@ class Transformer(eqx.Module):
         """Build from a getter; `get("layers.<name>")` must return the block tensors stacked."""
         return cls(
             tok_embeddings=Embedding(get("tok_embeddings.weight")),
-            layers=TransformerBlock.load(args, get, "layers."),
+            layers=TransformerBlock.load(args, get, "layers.", window=None),
             norm=RMSNorm(get("norm.weight"), args.norm_eps),
             output=Linear(get("output.weight")),
             args=args,
@@ -236,29 +247,43 @@ def run_layers(
     *,
     collect_hidden: bool,
 ) -> tuple[Float[Array, "seq dim"], Float[Array, "layers_plus_1 seq dim"] | None, KVCache | None]:
-    """Embeddings → scanned blocks; with a cache, attend to it and update it.
+    """Embeddings → blocks; with a cache, attend to it and update it.
 
-    Returns the last block's output, the embeddings and every block's output if
-    `collect_hidden`, and the new cache.
+    The layers run as a scan over groups of one window-pattern period (a single layer when
+    every layer has the same window), each position of the period with its own window and
+    cache buffer: the compiled program does not grow with depth. Returns the last block's
+    output, the embeddings and every block's output if `collect_hidden`, and the new cache.
     """
+    pattern = model.args.window_pattern
+    period, groups = len(pattern), model.args.n_layers // len(pattern)
     cos, sin = model.rotary(positions)
-    layer_params, layer_static = eqx.partition(model.layers, eqx.is_array)
+    params, static = eqx.partition(model.layers, eqx.is_array)
+    grouped = jax.tree.map(lambda x: x.reshape(groups, period, *x.shape[1:]), params)
 
-    def run_block(h, xs):
-        block = eqx.combine(xs[0], layer_static)
-        cached = None if cache is None else (xs[1], xs[2], cache.positions)
-        h, xk, xv = block(h, cos, sin, positions, cached)
-        out = h if collect_hidden else None
-        if cache is None:
-            return h, (out,)
-        return h, (out, write_slots(xs[1], xk, positions), write_slots(xs[2], xv, positions))
+    def run_group(h, xs):
+        group, cache_k, cache_v = xs
+        outs, new_k, new_v = [], [], []
+        for k, window in enumerate(pattern):
+            block = eqx.combine(jax.tree.map(lambda x, k=k: x[k], group), static)
+            block = block.with_window(window)
+            cached = None if cache is None else (cache_k[k], cache_v[k], cache.positions[k])
+            h, xk, xv = block(h, cos, sin, positions, cached)
+            outs.append(h)
+            if cache is not None:
+                new_k.append(write_slots(cache_k[k], xk, positions))
+                new_v.append(write_slots(cache_v[k], xv, positions))
+        return h, (jnp.stack(outs) if collect_hidden else None, tuple(new_k), tuple(new_v))
 
     h0 = model.embed(tokens)
-    xs = (layer_params,) if cache is None else (layer_params, cache.k, cache.v)
-    h, ys = lax.scan(run_block, h0, xs)
-    hidden = jnp.concatenate([h0[None], ys[0]]) if collect_hidden else None
+    xs = (grouped, None, None) if cache is None else (grouped, cache.k, cache.v)
+    h, (outs, new_k, new_v) = lax.scan(run_group, h0, xs)
+    hidden = None
+    if collect_hidden:
+        hidden = jnp.concatenate([h0[None], outs.reshape(-1, *outs.shape[2:])])
     if cache is not None:
-        cache = KVCache(ys[1], ys[2], write_slots(cache.positions, positions, positions))
+        cache = KVCache(
+            new_k, new_v, tuple(write_slots(p, positions, positions) for p in cache.positions)
+        )
     return h, hidden, cache
 
 

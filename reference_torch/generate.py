@@ -20,7 +20,7 @@ def generate(
     """Greedy continuations (prompt excluded, EOS kept) and their log-probabilities."""
     args = model.args
     device, dtype = model.output.weight.device, model.output.weight.dtype
-    chunk = chunk_size or args.sliding_window or 2048
+    chunk = chunk_size or args.shortest_window or 2048
     results, logprobs = [], []
     for prompt in prompts:
         cache = RollingKVCache(args, 1, len(prompt) + max_new_tokens, dtype=dtype, device=device)

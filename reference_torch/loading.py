@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from checkpoint.args import ModelArgs
 from checkpoint.errors import CheckpointError
-from checkpoint.folder import INDEX_NAME, official_weights_file, raise_spec_problems
+from checkpoint.folder import raise_spec_problems, weights_entry
 from reference_torch.model import Transformer, TransformerBlock
 
 SHELL_KEYS = ("tok_embeddings.weight", "norm.weight", "output.weight")
@@ -28,16 +28,16 @@ class _Tensors:
     """name → tensor over one folder's weight files, read with torch's own readers."""
 
     def __init__(self, folder: Path):
-        index = folder / INDEX_NAME
-        if index.exists():
+        self.source = weights_entry(folder)
+        if self.source.name.endswith(".index.json"):  # split official weights, or converted
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(self.source.read_text())["weight_map"]
                 self.files = {name: folder / shard for name, shard in weight_map.items()}
             except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-                raise CheckpointError(index, f"not a valid safetensors index ({err})") from None
-            self.source = index
+                raise CheckpointError(
+                    self.source, f"not a valid safetensors index ({err})"
+                ) from None
         else:
-            self.source = official_weights_file(folder)
             with self._open(self.source) as state:
                 self.files = dict.fromkeys(state, self.source)
 
@@ -149,7 +149,7 @@ class ReferenceLoader:
     ) -> TransformerBlock:
         """Block `i` alone."""
         with torch.device("meta"):
-            block = TransformerBlock(self.args)
+            block = TransformerBlock(self.args, self.args.layer_windows[i])
         prefix = f"layers.{i}."
         names = {n[len(prefix) :]: n for n in self._tensors.files if n.startswith(prefix)}
         self._assign(block, names, dtype, device)

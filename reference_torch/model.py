@@ -3,7 +3,8 @@
 Mirrors mistral-src `one_file_ref.py` and mistral-inference `transformer.py` class for class:
 fp32 RMSNorm, interleaved-pair RoPE in fp32, GQA by `repeat_interleave`, softmax in fp32, a
 sliding window of W keys including the current token (the official xformers model; not
-`one_file_ref.py`'s W+1), a rolling-buffer KV cache, an untied head and fp32 logits.
+`one_file_ref.py`'s W+1), each layer with its own window (a params.json list), a rolling-buffer
+KV cache, an untied head and fp32 logits.
 """
 
 import torch
@@ -38,10 +39,10 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, window: int | None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
-        self.sliding_window = args.sliding_window
+        self.sliding_window = window  # this layer's (params.json may give one per layer)
         self.scale = args.head_dim**-0.5
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -92,9 +93,9 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, window: int | None):
         super().__init__()
-        self.attention = Attention(args)
+        self.attention = Attention(args, window)
         self.feed_forward = MoeLayer(args, FeedForward) if args.moe else FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
@@ -111,7 +112,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
+        self.layers = nn.ModuleList(TransformerBlock(args, w) for w in args.layer_windows)
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 

@@ -66,13 +66,62 @@ def test_moe_is_parsed(tmp_path):
 
 
 def test_unknown_keys_are_refused_by_name(tmp_path):
-    path = write_params(tmp_path, VERSIONS["7b-v0.1"] | {"use_biases": True, "lora": {}})
-    with pytest.raises(CheckpointError, match=r"params.json: unknown key\(s\) lora, use_biases"):
+    path = write_params(tmp_path, VERSIONS["7b-v0.1"] | {"use_biases": True, "zeta": 1})
+    with pytest.raises(CheckpointError, match=r"params.json: unknown key\(s\) use_biases, zeta"):
         ModelArgs.from_json(path)
 
 
-def test_runtime_keys_are_explicitly_ignored():
-    assert ModelArgs.from_dict(VERSIONS["7b-v0.1"] | {"max_batch_size": 4}).dim == 4096
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("lora", {"rank": 16, "scaling": 2.0}),
+        ("vision_encoder", {"hidden_size": 1024}),
+        ("quantization", {"qformat_weight": "fp8_e4m3"}),
+        ("model_type", "mamba"),
+    ],
+)
+def test_keys_the_reference_reads_but_these_models_do_not_implement_are_refused(
+    tmp_path, key, value
+):
+    path = write_params(tmp_path, VERSIONS["7b-v0.1"] | {key: value})
+    with pytest.raises(CheckpointError, match=rf"params.json: .*{key}.* is unsupported"):
+        ModelArgs.from_json(path)
+
+
+def test_runtime_keys_and_the_official_defaults_are_accepted():
+    extra = {"max_batch_size": 4, "max_seq_len": 32768, "model_type": "transformer"}
+    extra |= {"lora": None, "vision_encoder": None}
+    assert ModelArgs.from_dict(VERSIONS["7b-v0.1"] | extra) == ModelArgs.from_dict(
+        VERSIONS["7b-v0.1"]
+    )
+
+
+def test_a_window_list_repeats_over_the_layers():
+    # Ministral 8B: a full-context layer, then three 32k-window layers, over 36 layers.
+    args = ModelArgs.from_dict(
+        SEVEN_B
+        | {"n_layers": 36, "vocab_size": 131072}
+        | {"sliding_window": [131072, 32768, 32768, 32768]}
+    )
+    assert args.layer_windows == (131072, 32768, 32768, 32768) * 9
+    assert args.window_pattern == (131072, 32768, 32768, 32768)
+    assert args.to_dict()["sliding_window"] == [131072, 32768, 32768, 32768]
+    assert args.shortest_window == 32768
+    with_nulls = ModelArgs.from_dict(SEVEN_B | {"vocab_size": 32000, "sliding_window": [None, 8]})
+    assert with_nulls.layer_windows[:4] == (None, 8, None, 8)
+
+
+def test_equivalent_window_lists_are_one_model():
+    base = VERSIONS["7b-v0.1"]
+    assert ModelArgs.from_dict(base | {"sliding_window": [4096, 4096]}) == ModelArgs.from_dict(base)
+    assert ModelArgs.from_dict(base | {"sliding_window": [None, None]}).sliding_window is None
+
+
+def test_the_vllm_alias_of_the_window_is_read():
+    params = {k: v for k, v in VERSIONS["7b-v0.1"].items() if k != "sliding_window"}
+    assert ModelArgs.from_dict(params | {"_sliding_window": 4096}).sliding_window == 4096
+    with pytest.raises(ValueError, match="both sliding_window and _sliding_window"):
+        ModelArgs.from_dict(VERSIONS["7b-v0.1"] | {"_sliding_window": 1024})
 
 
 @pytest.mark.parametrize(
@@ -82,8 +131,13 @@ def test_runtime_keys_are_explicitly_ignored():
         ({"dim": 0}, "dim must be a positive integer"),
         ({"n_layers": 2.5}, "n_layers must be a positive integer"),
         ({"head_dim": 7}, "head_dim \\(7\\) must be even"),
-        ({"norm_eps": -1}, "norm_eps must be a positive number"),
+        ({"norm_eps": -1}, "norm_eps must be a finite positive number"),
+        ({"norm_eps": float("nan")}, "norm_eps must be a finite positive number"),
+        ({"rope_theta": float("inf")}, "rope_theta must be a finite positive number"),
         ({"sliding_window": 0}, "sliding_window must be a positive integer"),
+        ({"sliding_window": [4096, 0]}, "sliding_window entries must be positive ints or null"),
+        ({"sliding_window": [8, 8, 8]}, "3 entries, which does not divide n_layers \\(32\\)"),
+        ({"sliding_window": []}, "sliding_window must be a positive integer, a list or null"),
         ({"moe": {"num_experts": 2, "num_experts_per_tok": 3}}, "exceeds moe.num_experts"),
         ({"moe": {"num_experts": 2}}, "moe: .*missing key"),
     ],
@@ -93,7 +147,12 @@ def test_runtime_keys_are_explicitly_ignored():
         "float-layers",
         "odd-head-dim",
         "negative-eps",
+        "nan-eps",
+        "infinite-theta",
         "zero-window",
+        "zero-in-window-list",
+        "window-list-not-dividing-layers",
+        "empty-window-list",
         "topk-over-experts",
         "moe-missing-key",
     ],

@@ -13,6 +13,9 @@ from reference_torch.model import attention_mask as torch_mask
 
 W = 8
 WINDOWED = tiny_args(sliding_window=W)
+# Ministral-style: full attention, then three windowed layers (and a second, wider window).
+PATTERN = tiny_args(n_layers=4, sliding_window=[None, W, W, 2 * W])
+CONFIGS = {"window": WINDOWED, "no-window": tiny_args(sliding_window=None), "per-layer": PATTERN}
 SEQ = 30  # > 3·W: the rolling buffer wraps several times
 
 
@@ -84,9 +87,9 @@ def test_key_exactly_w_back_is_not_attended_and_w_minus_1_back_is(make_checkpoin
 
 
 @pytest.mark.parametrize("runner", RUNNERS)
-@pytest.mark.parametrize("config", ["window", "no-window"])
+@pytest.mark.parametrize("config", CONFIGS)
 def test_cached_decode_equals_full_forward(make_checkpoint, runner, config):
-    args = WINDOWED if config == "window" else tiny_args(sliding_window=None)
+    args = CONFIGS[config]
     run = RUNNERS[runner](make_checkpoint(args))
     tokens = random_tokens(SEQ, args.vocab_size)
     decoded = run.chunked(tokens, [5] + [1] * (SEQ - 5))  # prefill 5, then one token a step
@@ -105,13 +108,49 @@ def test_chunked_prefill_equals_unchunked(make_checkpoint, runner, chunks):
     assert relative_error(run.chunked(tokens, chunks), run.full(tokens)) <= 1e-5
 
 
-def test_cached_decode_agrees_across_models(make_checkpoint):
-    folder, tokens = make_checkpoint(WINDOWED), random_tokens(SEQ, WINDOWED.vocab_size, seed=5)
+@pytest.mark.parametrize("runner", RUNNERS)
+def test_chunked_prefill_with_per_layer_windows_equals_unchunked(make_checkpoint, runner):
+    run = RUNNERS[runner](make_checkpoint(PATTERN))
+    tokens = random_tokens(SEQ, PATTERN.vocab_size, seed=4)
+    for chunks in ([7, 7, 7, 7, 2], [20, 10]):
+        assert relative_error(run.chunked(tokens, chunks), run.full(tokens)) <= 1e-5
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_cached_decode_agrees_across_models(make_checkpoint, config):
+    args = CONFIGS[config]
+    folder, tokens = make_checkpoint(args), random_tokens(SEQ, args.vocab_size, seed=5)
     chunks = [11, 4] + [1] * (SEQ - 15)
     ref = TorchRunner(folder).chunked(tokens, chunks)
     assert relative_error(JaxRunner(folder).chunked(tokens, chunks), ref) <= 1e-5
 
 
+@pytest.mark.parametrize("runner", RUNNERS)
+@pytest.mark.parametrize("layer", range(4))
+def test_each_layer_sees_exactly_its_own_window(make_checkpoint, runner, layer):
+    """One block with the window PATTERN gives layer `layer`: a key `window` back is unseen,
+    one `window - 1` back is seen (full attention: both are)."""
+    window = PATTERN.layer_windows[layer]
+    args = tiny_args(n_layers=1, sliding_window=window)
+    run = RUNNERS[runner](make_checkpoint(args))
+    tokens, p = random_tokens(SEQ, args.vocab_size), 20
+    base = run.full(tokens)[p]
+    for back in (window or W, (window or W) - 1):
+        edited = tokens.copy()
+        edited[p - back] = (edited[p - back] + 1) % args.vocab_size
+        changed = relative_error(run.full(edited)[p], base) > 1e-3
+        assert changed == (window is None or back < window), (window, back)
+
+
+def test_caches_hold_w_slots_for_windowed_layers_and_full_length_for_the_others():
+    capacity = 100
+    cache = KVCache.empty(PATTERN, capacity=capacity)
+    assert cache.slots == (capacity, W, W, 2 * W)
+    assert [k.shape[0] for k in cache.k] == [1, 1, 1, 1]  # one group of the 4-layer period
+    ref = reference_torch.RollingKVCache(PATTERN, 1, capacity, dtype=torch.float32)
+    assert [k.shape[1] for k in ref.k] == [capacity, W, W, 2 * W]
+
+
 def test_jax_cache_holds_only_w_slots(make_checkpoint):
     cache = KVCache.empty(WINDOWED, capacity=10_000)
-    assert cache.slots == W and cache.k.shape == (WINDOWED.n_layers, W, 2, 16)
+    assert cache.slots == (W,) and cache.k[0].shape == (WINDOWED.n_layers, W, 2, 16)

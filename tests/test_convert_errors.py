@@ -163,12 +163,14 @@ def test_unsupported_dtype_safetensors(src, tmp_path):
 
 def test_both_weight_files(src, tmp_path):
     (src / "consolidated.safetensors").write_bytes(b"")
-    convert_fails(src, tmp_path / "out", expect="found both")
+    convert_fails(
+        src, tmp_path / "out", expect="found consolidated.00.pth, consolidated.safetensors"
+    )
 
 
 def test_neither_weight_file(src, tmp_path):
     (src / "consolidated.00.pth").unlink()
-    convert_fails(src, tmp_path / "out", expect="found neither")
+    convert_fails(src, tmp_path / "out", expect="found none")
 
 
 def test_existing_out_is_refused_unless_overwrite(src, tmp_path):

@@ -161,3 +161,14 @@ def test_sampling_never_leaves_the_kept_set_and_greedy_is_argmax():
     greedy, logprobs = choose_tokens(logits[:2], None, temperature=0.0, top_p=1.0, top_k=0)
     assert greedy.tolist() == [0, 0]
     np.testing.assert_allclose(np.asarray(logprobs), np.log(0.4), rtol=1e-6)
+
+
+def test_greedy_with_per_layer_windows_matches_the_reference(make_checkpoint):
+    """Ministral-style windows (full, W, W, 2W): generation crosses every window boundary."""
+    args = tiny_args(n_layers=4, sliding_window=[None, W, W, 2 * W])
+    folder = make_checkpoint(args, seed=5)
+    port = model_jax.load_model(folder, dtype=jnp.float32)
+    ref = reference_torch.Transformer.from_folder(folder, dtype=torch.float32)
+    prompts = [random_tokens(n, args.vocab_size, seed=n).tolist() for n in (3, 2 * W + 5)]
+    ours = model_jax.generate(port, prompts, max_new_tokens=3 * W)
+    assert ours == reference_torch.generate(ref, prompts, max_new_tokens=3 * W)[0]

@@ -86,7 +86,7 @@ def test_wrong_shape_names_key_and_both_shapes(tmp_path, loader, state):
 @pytest.mark.parametrize("loader", LOADERS)
 def test_neither_weights_file(tmp_path, loader):
     BASE.to_json(tmp_path / "params.json")
-    with pytest.raises(CheckpointError, match=r"expected exactly one of .* found neither"):
+    with pytest.raises(CheckpointError, match=r"expected exactly one of .* found none"):
         LOADERS[loader](tmp_path)
 
 
@@ -173,5 +173,7 @@ def test_safetensors_source_loads_like_pth(make_checkpoint, loader):
 def test_open_folder_refuses_both_weight_files(tmp_path):
     write_tiny_checkpoint(tmp_path, BASE, tokenizer=False)
     write_tiny_checkpoint(tmp_path, BASE, tokenizer=False, weights_format="safetensors")
-    with pytest.raises(CheckpointError, match="found both"):
+    with pytest.raises(
+        CheckpointError, match=r"found consolidated\.00\.pth, consolidated\.safetensors"
+    ):
         open_folder(tmp_path)

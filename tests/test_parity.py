@@ -20,6 +20,8 @@ CONFIGS = {
     "rope-theta-1e6": tiny_args(rope_theta=1e6),
     "head-dim-not-dim-over-heads": tiny_args(head_dim=24),
     "mixtral-moe": tiny_args(moe=MoeArgs(num_experts=4, num_experts_per_tok=2)),
+    "per-layer-windows": tiny_args(n_layers=4, sliding_window=[None, 8, 8, 8]),
+    "two-windows": tiny_args(n_layers=4, sliding_window=[4, 12]),
 }
 SEQ = 40  # ≥ 3·W for the windowed config
 

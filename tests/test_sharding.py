@@ -15,7 +15,9 @@ from checkpoint.args import MoeArgs
 from convert.convert import convert_checkpoint
 
 CONFIGS = {
-    "dense": tiny_args(vocab_size=32000, n_kv_heads=8, n_heads=8, head_dim=16, sliding_window=8),
+    "dense": tiny_args(  # a full-attention layer and a windowed one: per-layer windows too
+        vocab_size=32000, n_kv_heads=8, n_heads=8, head_dim=16, sliding_window=[None, 8]
+    ),
     "moe": tiny_args(
         vocab_size=32000,
         n_kv_heads=8,

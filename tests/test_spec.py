@@ -46,6 +46,37 @@ def test_jax_model_skeleton_matches_spec_without_allocating():
     assert (wq.shape, wq.dtype) == ((32, 4096, 4096), jnp.bfloat16)
 
 
+# Parameter counts as each release announced them (model card or launch post), rounded as
+# published; Ministral 8B's card gives the exact figure. The spec (from checkpoint/presets.py,
+# the releases' params.json) must land on them.
+PUBLISHED = {
+    "7b-v0.1": (7_241_732_096, 1),  # mistral-src README: 7.24B, exact in the tensor table
+    "7b-v0.3": (7.25e9, 0.01e9),
+    "mathstral-7b": (7.25e9, 0.01e9),
+    "mixtral-8x7b": (46.7e9, 0.05e9),  # "46.7B total parameters"
+    "mixtral-8x22b": (141e9, 0.5e9),  # "141B parameters"
+    "nemo-12b": (12e9, 0.5e9),
+    "codestral-22b": (22.2e9, 0.05e9),
+    "small-22b": (22e9, 0.5e9),
+    "small-24b": (24e9, 0.5e9),
+    "ministral-8b": (8_019_808_256, 1),  # model card: "Parameters 8,019,808,256"
+    "large-2-123b": (123e9, 0.5e9),
+}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_every_release_has_its_published_parameter_count(name):
+    expected, tolerance = PUBLISHED[name]
+    total = sum(math.prod(s) for s in tensor_spec(PRESETS[name]).values())
+    assert abs(total - expected) < tolerance, f"{total:,}"
+
+
+def test_ministral_interleaves_a_full_context_layer_with_three_windowed_ones():
+    args = PRESETS["ministral-8b"]
+    assert args.window_pattern == (131072, 32768, 32768, 32768)
+    assert len(args.layer_windows) == 36
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_published_shape_matches_in_both_models_without_allocating(name):
     args = PRESETS[name]
