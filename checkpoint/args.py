@@ -17,7 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from checkpoint.errors import CheckpointError
+from checkpoint.errors import CheckpointError, read_json
 
 # Keys some params.json files carry that describe the runtime, not the weights.
 IGNORED_KEYS = frozenset({"max_batch_size", "max_seq_len"})
@@ -161,13 +161,7 @@ class ModelArgs:
     @classmethod
     def from_json(cls, path: str | Path) -> "ModelArgs":
         """Read and validate a params.json; any problem raises CheckpointError naming the file."""
-        path = Path(path)
-        try:
-            params = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(path, "file not found") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CheckpointError(path, f"not valid JSON ({err})") from None
+        params = read_json(path)
         if not isinstance(params, dict):
             raise CheckpointError(path, "expected a JSON object")
         try:
@@ -191,7 +185,7 @@ def _check_windows(window, n_layers: int) -> None:
     """An int > 0, None, or a non-empty list of those dividing n_layers."""
 
     def positive_int(w) -> bool:
-        return isinstance(w, int) and not isinstance(w, bool) and w > 0
+        return isinstance(w, int) and not isinstance(w, bool) and 0 < w <= 2**31
 
     if window is None or positive_int(window):
         return
@@ -207,8 +201,15 @@ def _check_windows(window, n_layers: int) -> None:
         )
 
 
+# Far above every release (Large 2: dim 12288, 88 layers, vocab 131072), far below what would
+# overflow or exhaust memory in arithmetic on them.
+MAX_SIZE = 2**20
+
+
 def _check_positive_ints(obj: object, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(obj, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if value > MAX_SIZE:
+            raise ValueError(f"{name} {value} is beyond any model this toolkit can load")

@@ -1,6 +1,7 @@
 """`mistral-tiny OUT`: write a seeded random checkpoint in the official format."""
 
 import sys
+from pathlib import Path
 
 import click
 
@@ -8,8 +9,9 @@ from checkpoint.args import ModelArgs
 from checkpoint.cli_errors import OneLineErrors
 from checkpoint.errors import CheckpointError
 from checkpoint.presets import PRESETS, preset
+from checkpoint.safe_files import new_folder
 from checkpoint.synthetic import write_synthetic_checkpoint
-from checkpoint.tiny import TINY_ARGS, WEIGHTS_FORMATS, write_tiny_checkpoint
+from checkpoint.tiny import TINY_ARGS, WEIGHTS_FORMATS, check_tiny_size, write_tiny_checkpoint
 from checkpoint.trained_like import trained_like_state_dict
 
 
@@ -45,20 +47,26 @@ from checkpoint.trained_like import trained_like_state_dict
     "trained models have (checkpoint/trained_like.py); not with --preset.",
 )
 def main(out, params_path, preset_name, n_layers, seed, weights_format, weights) -> None:
-    """Write params.json, bf16 consolidated weights and a tokenizer into OUT."""
+    """Write params.json, bf16 consolidated weights and a tokenizer into OUT (a new or empty
+    folder; it appears only when complete)."""
     try:
         if preset_name:
             if weights != "random":
                 raise ValueError("--weights trained-like is for tiny configs, not --preset")
             args = preset(preset_name, n_layers=n_layers)
-            folder = write_synthetic_checkpoint(out, args, seed=seed)
         else:
             args = ModelArgs.from_json(params_path) if params_path else TINY_ARGS
-            state = trained_like_state_dict(args, seed=seed) if weights == "trained-like" else None
-            folder = write_tiny_checkpoint(
-                out, args, seed=seed, weights_format=weights_format, state=state
-            )
+            check_tiny_size(args)
+        with new_folder(Path(out)) as building:
+            if preset_name:
+                write_synthetic_checkpoint(building, args, seed=seed)
+            else:
+                trained = weights == "trained-like"
+                state = trained_like_state_dict(args, seed=seed) if trained else None
+                write_tiny_checkpoint(
+                    building, args, seed=seed, weights_format=weights_format, state=state
+                )
     except (CheckpointError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    click.echo(str(folder))
+    click.echo(str(out))

@@ -7,11 +7,10 @@ Nothing here reads tensor data: records say where the bytes lie, `TensorRecord.a
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 from checkpoint.args import ModelArgs
-from checkpoint.errors import CheckpointError
+from checkpoint.errors import CheckpointError, read_json
 from checkpoint.pth import read_pth_table
 from checkpoint.safetensors_file import read_safetensors_table
 from checkpoint.spec import check_against_spec, tensor_spec
@@ -72,14 +71,22 @@ def raise_spec_problems(path: Path, shapes: dict[str, tuple[int, ...]], args: Mo
         raise CheckpointError(path, problems[0] + more)
 
 
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """The `weight_map` of an index (tensor → shard file beside it); CheckpointError naming the
+    index when it is malformed or names a file outside its folder."""
+    index = read_json(index_path, max_bytes=64 * 2**20)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(index_path, "no weight_map object in the index")
+    for shard in weight_map.values():
+        if not (isinstance(shard, str) and shard.endswith(".safetensors") and "/" not in shard):
+            raise CheckpointError(index_path, f"{shard!r:.80} is not a shard file beside it")
+    return weight_map
+
+
 def read_sharded_table(index_path: Path) -> tuple[dict[str, TensorRecord], tuple[Path, ...]]:
     """Records of every tensor named by a HF-style index; each must sit in its named shard."""
-    try:
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(index_path, f"not a valid safetensors index ({err})") from None
+    weight_map = read_weight_map(index_path)
     shards = tuple(index_path.parent / s for s in dict.fromkeys(weight_map.values()))
     tensors: dict[str, TensorRecord] = {}
     for shard in shards:

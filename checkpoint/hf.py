@@ -227,12 +227,15 @@ def args_from_hf_config(config: dict) -> tuple[ModelArgs, bool]:
             num_experts=config["num_local_experts"],
             num_experts_per_tok=config["num_experts_per_tok"],
         )
+    heads = config["num_attention_heads"]
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
+        raise ValueError(f"num_attention_heads must be a positive integer, got {heads!r}")
     args = ModelArgs(
         dim=config["hidden_size"],
         n_layers=config["num_hidden_layers"],
-        head_dim=config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"],
+        head_dim=config.get("head_dim") or config["hidden_size"] // heads,
         hidden_dim=config["intermediate_size"],
-        n_heads=config["num_attention_heads"],
+        n_heads=heads,
         n_kv_heads=config["num_key_value_heads"],
         norm_eps=config["rms_norm_eps"],
         vocab_size=config["vocab_size"],

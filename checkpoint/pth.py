@@ -16,7 +16,7 @@ import struct
 import zipfile
 from pathlib import Path
 
-from checkpoint.errors import CheckpointError
+from checkpoint.errors import CheckpointError, reading
 from checkpoint.tensors import NUMPY_DTYPES, TensorRecord
 
 STORAGE_DTYPES = {
@@ -47,12 +47,34 @@ class _StorageType:
     name: str
 
 
-def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> _TensorRef:
-    return _TensorRef(storage, int(storage_offset), tuple(size), tuple(stride))
+MAX_PICKLE_BYTES = 64 * 2**20  # a 7B's data.pkl is tens of kB; Mixtral 8x22B's ~200 kB
 
 
 class _UnsafePickle(Exception):
     pass
+
+
+def _int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _UnsafePickle(f"{what} is not a non-negative integer: {value!r:.60}")
+    return value
+
+
+def _ints(values, what: str) -> tuple[int, ...]:
+    if not isinstance(values, tuple | list) or len(values) > 16:
+        raise _UnsafePickle(f"{what} is not a short sequence of integers: {values!r:.60}")
+    return tuple(_int(v, what) for v in values)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride, *_ignored) -> _TensorRef:
+    if not isinstance(storage, _Storage):
+        raise _UnsafePickle(f"tensor storage is not a storage: {storage!r:.60}")
+    return _TensorRef(
+        storage,
+        _int(storage_offset, "tensor offset"),
+        _ints(size, "tensor shape"),
+        _ints(stride, "tensor stride"),
+    )
 
 
 class _TableUnpickler(pickle.Unpickler):
@@ -77,35 +99,58 @@ class _TableUnpickler(pickle.Unpickler):
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, _StorageType):
             raise _UnsafePickle(f"unsupported storage type {storage_type!r:.80}")
-        return _Storage(str(key), STORAGE_DTYPES[storage_type.name], int(numel))
+        if not isinstance(key, str):
+            raise _UnsafePickle(f"storage key is not a string: {key!r:.60}")
+        return _Storage(key, STORAGE_DTYPES[storage_type.name], _int(numel, "storage size"))
 
 
 def read_pth_table(path: str | Path) -> dict[str, TensorRecord]:
     """Tensor name → where its bytes lie in the zip; CheckpointError on anything unexpected."""
     path = Path(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
+    with reading(path):
+        try:
+            archive = zipfile.ZipFile(path)
+        except zipfile.BadZipFile as err:
+            raise CheckpointError(path, f"not a readable torch zip checkpoint ({err})") from None
+        with archive:
             return _read_table(path, archive)
-    except FileNotFoundError:
-        raise CheckpointError(path, "file not found") from None
-    except (zipfile.BadZipFile, EOFError, struct.error) as err:
-        raise CheckpointError(path, f"not a readable torch zip checkpoint ({err})") from None
+
+
+def check_pickle_size(path: str | Path) -> None:
+    """Refuse a zip whose data.pkl would inflate past MAX_PICKLE_BYTES (a memory bomb), before
+    anything — ours or torch.load — reads it."""
+    path = Path(path)
+    with reading(path), zipfile.ZipFile(path) as archive:
+        _pickle_entry(path, archive)
+
+
+def _pickle_entry(path: Path, archive: zipfile.ZipFile) -> zipfile.ZipInfo:
+    pickles = [i for i in archive.infolist() if i.filename.split("/")[-1] == "data.pkl"]
+    if len(pickles) != 1:
+        raise CheckpointError(path, f"expected one data.pkl in the zip, found {len(pickles)}")
+    if pickles[0].file_size > MAX_PICKLE_BYTES:
+        raise CheckpointError(
+            path,
+            f"{pickles[0].filename} declares {pickles[0].file_size} bytes, more than the "
+            f"{MAX_PICKLE_BYTES} a tensor table needs",
+        )
+    return pickles[0]
 
 
 def _read_table(path: Path, archive: zipfile.ZipFile) -> dict[str, TensorRecord]:
-    pickles = [n for n in archive.namelist() if n.endswith("/data.pkl") or n == "data.pkl"]
-    if len(pickles) != 1:
-        raise CheckpointError(path, f"expected one data.pkl in the zip, found {len(pickles)}")
-    prefix = pickles[0][: -len("data.pkl")]
+    entry = _pickle_entry(path, archive)
+    prefix = entry.filename[: -len("data.pkl")]
     byteorder = prefix + "byteorder"
     if byteorder in archive.namelist() and archive.read(byteorder).strip() != b"little":
         raise CheckpointError(path, "big-endian checkpoints are not supported")
+    with archive.open(entry) as stream:  # read at most the limit, whatever the header says
+        raw = stream.read(MAX_PICKLE_BYTES + 1)
+    if len(raw) > MAX_PICKLE_BYTES:
+        raise CheckpointError(path, f"{entry.filename} inflates past {MAX_PICKLE_BYTES} bytes")
     try:
-        table = _TableUnpickler(io.BytesIO(archive.read(pickles[0]))).load()
+        table = _TableUnpickler(io.BytesIO(raw)).load()
     except _UnsafePickle as err:
         raise CheckpointError(path, str(err)) from None
-    except (pickle.UnpicklingError, EOFError, TypeError, ValueError, AttributeError) as err:
-        raise CheckpointError(path, f"corrupt pickle in {pickles[0]} ({err})") from None
     if not isinstance(table, dict) or not all(
         isinstance(k, str) and isinstance(v, _TensorRef) for k, v in table.items()
     ):

@@ -11,7 +11,7 @@ import math
 import struct
 from pathlib import Path
 
-from checkpoint.errors import CheckpointError
+from checkpoint.errors import CheckpointError, reading
 from checkpoint.tensors import NUMPY_DTYPES, TensorRecord
 
 MAX_HEADER_BYTES = 100_000_000
@@ -20,7 +20,7 @@ MAX_HEADER_BYTES = 100_000_000
 def read_safetensors_table(path: str | Path) -> dict[str, TensorRecord]:
     """Tensor name → where its bytes lie; CheckpointError on any malformed header."""
     path = Path(path)
-    try:
+    with reading(path):
         with open(path, "rb") as f:
             prefix = f.read(8)
             file_size = path.stat().st_size
@@ -32,24 +32,17 @@ def read_safetensors_table(path: str | Path) -> dict[str, TensorRecord]:
                     path, f"header length {header_len} runs past the end of the file"
                 )
             raw = f.read(header_len)
-    except FileNotFoundError:
-        raise CheckpointError(path, "file not found") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(path, f"header is not valid JSON ({err})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(path, "header is not a JSON object")
-    header.pop("__metadata__", None)
-    data_start = 8 + header_len
-    return _records(path, header, data_start, file_size - data_start)
-
-
-def read_metadata(path: str | Path) -> dict[str, str]:
-    """The `__metadata__` map of a safetensors file (empty when absent)."""
-    with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        return json.loads(f.read(header_len)).get("__metadata__", {})
+        try:
+            header = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(path, f"header is not valid JSON ({err})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(path, "header is not a JSON object")
+        metadata = header.pop("__metadata__", {})
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise CheckpointError(path, "__metadata__ is not a map of strings")
+        data_start = 8 + header_len
+        return _records(path, header, data_start, file_size - data_start)
 
 
 def _records(path: Path, header: dict, data_start: int, data_size: int) -> dict[str, TensorRecord]:
@@ -58,9 +51,9 @@ def _records(path: Path, header: dict, data_start: int, data_size: int) -> dict[
         try:
             dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
             shape = tuple(shape)
-            if not all(isinstance(d, int) and d >= 0 for d in shape):
+            if not all(_count(d) for d in shape) or len(shape) > 16:
                 raise TypeError
-            if not (isinstance(begin, int) and isinstance(end, int)):
+            if not (_count(begin) and _count(end) and isinstance(dtype, str)):
                 raise TypeError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(path, f"malformed header entry for {name}") from None
@@ -83,3 +76,7 @@ def _records(path: Path, header: dict, data_start: int, data_size: int) -> dict[
         if begin_b < end_a:
             raise CheckpointError(path, f"tensors {name_a} and {name_b} overlap")
     return records
+
+
+def _count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

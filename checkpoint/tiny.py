@@ -7,6 +7,7 @@ scale through the blocks. The output head is scaled so logits have standard devi
 
 import importlib.resources
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -72,6 +73,19 @@ def init_distribution(name: str, shape: tuple[int, ...], logit_std: float = 8.0)
     if name == "output.weight":
         return 0.0, logit_std / shape[1] ** 0.5
     return 0.0, 1.0 / shape[1] ** 0.5
+
+
+MAX_TINY_PARAMETERS = 500_000_000  # fp32 random weights in memory: 2 GB
+
+
+def check_tiny_size(args: ModelArgs) -> None:
+    """ValueError, before anything is allocated, for a config too large to build in memory."""
+    total = sum(math.prod(s) for s in tensor_spec(args).values())
+    if total > MAX_TINY_PARAMETERS:
+        raise ValueError(
+            f"{total:,} parameters: tiny checkpoints are built in memory, up to "
+            f"{MAX_TINY_PARAMETERS:,}; for full-size shapes use --preset"
+        )
 
 
 def random_state_dict(

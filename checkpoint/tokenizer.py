@@ -27,7 +27,9 @@ def is_tokenizer_file(path: Path) -> bool:
 def find_tokenizer(folder: str | Path) -> Path:
     """The one tokenizer file in `folder`; CheckpointError naming what was found otherwise."""
     folder = Path(folder)
-    found = sorted(p for p in folder.iterdir() if is_tokenizer_file(p)) if folder.is_dir() else []
+    if not folder.is_dir():
+        raise CheckpointError(folder, "not a directory")
+    found = sorted(p for p in folder.iterdir() if is_tokenizer_file(p))
     if len(found) != 1:
         names = ", ".join(p.name for p in found) or "none"
         raise CheckpointError(

@@ -75,14 +75,17 @@ def main(paths, max_shard_size, dtype, layout, overwrite, check, as_json) -> Non
             layout=layout,
             progress=Progress(),
         )
-    except CheckpointError as err:
+    except (CheckpointError, ValueError) as err:  # ValueError: an option's value
         _fail(str(err))
-    except ValueError as err:
-        _fail(f"{src}: {err}")
-    except OSError as err:
+    except OSError as err:  # reading errors are CheckpointErrors naming the source
         _fail(f"{out}: cannot write ({err.strerror or err})")
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; nothing was written", err=True)
+        sys.exit(130)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    for note in summary.notes:
+        click.echo(f"note: {note}", err=True)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(summary) | {"peak_rss_mb": peak_mb}))

@@ -9,7 +9,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,10 +23,17 @@ from checkpoint.tokenizer import Tokenizer
 from convert.hub import hub_folder, is_repo_id
 from convert.manifest import sha256_file, write_manifest
 from convert.progress import Progress
+from convert.publish import (
+    check_destination,
+    new_partial,
+    output_lock,
+    publish,
+    remove_leftovers,
+)
 from convert.safetensors_header import header_bytes
 from convert.sharding import parse_size, plan_shards, shard_name
 from convert.sources import Source, Transform, open_source
-from convert.stream import CHUNK_BYTES, HashingWriter
+from convert.stream import CHUNK_BYTES, HashingWriter, SourceEnded
 
 TARGET_DTYPES = {"keep": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 LAYOUTS = ("official", "hf")
@@ -41,6 +47,7 @@ class ConvertSummary:
     tensor_bytes: int
     bytes_written: int
     seconds: float
+    notes: tuple[str, ...] = ()  # leftovers of earlier runs it could not attribute
 
 
 def convert_checkpoint(
@@ -85,36 +92,40 @@ def _convert(
     if (dtype or "keep") not in TARGET_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(TARGET_DTYPES)}, got {dtype!r}")
     target = TARGET_DTYPES[dtype or "keep"]
-    max_bytes = parse_size(max_shard_size)
+    try:
+        max_bytes = parse_size(max_shard_size)
+    except ValueError as err:
+        raise ValueError(f"--max-shard-size: {err}") from None
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {layout!r}")
+    check_destination(None if "hub_repo" in origin else src, out, overwrite)
     checkpoint = open_source(src)
     tokenizer = Tokenizer.from_folder(src)
     tokenizer.check_vocab(checkpoint.args.vocab_size, _params_file(src, checkpoint.layout))
-    if out.exists() and not overwrite:
-        raise CheckpointError(out, "already exists (pass --overwrite to replace it)")
-    if out.exists() and not out.is_dir():
-        raise CheckpointError(out, "exists and is not a directory")
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    partial.chmod(0o777 & ~_umask())
-    progress = progress or Progress(enabled=False)
-    progress.start(sum(_out_nbytes(r, target) for r in checkpoint.tensors.values()))
-    try:
-        files, shards = _write_folder(
-            checkpoint, tokenizer.path, partial, target, max_bytes, layout, progress
-        )
-        source = origin | {
-            "layout": checkpoint.layout,
-            "weights": [{"file": p.name, "bytes": p.stat().st_size} for p in checkpoint.weights],
-            "dtype": sorted({r.dtype for r in checkpoint.tensors.values()}),
-        }
-        write_manifest(partial, files, source | {"converted_to": target or "keep"}, layout)
-        _publish(partial, out)
-    except BaseException:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise
+    with output_lock(out):
+        notes = remove_leftovers(out)
+        check_destination(None, out, overwrite)  # again, now that no other run can race us
+        partial = new_partial(out)
+        progress = progress or Progress(enabled=False)
+        progress.start(sum(_out_nbytes(r, target) for r in checkpoint.tensors.values()))
+        try:
+            files, shards = _write_folder(
+                checkpoint, tokenizer.path, partial, target, max_bytes, layout, progress
+            )
+            source = origin | {
+                "layout": checkpoint.layout,
+                "weights": [
+                    {"file": p.name, "bytes": p.stat().st_size} for p in checkpoint.weights
+                ],
+                "dtype": sorted({r.dtype for r in checkpoint.tensors.values()}),
+            }
+            write_manifest(partial, files, source | {"converted_to": target or "keep"}, layout)
+            publish(partial, out)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
     progress.finish()
     written = sum(f["bytes"] for f in files.values())
     return ConvertSummary(
@@ -124,13 +135,8 @@ def _convert(
         progress.total,
         written,
         time.perf_counter() - start,
+        tuple(notes),
     )
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _params_file(src: Path, layout: str) -> Path:
@@ -251,13 +257,18 @@ def _write_shard(
         writer.write(header_bytes(entries, {"format": "pt"}))
         for p in planned:
             record = p.record
-            if p.transform is not None:
-                array = _cast(p.transform(record.read()), record, target)
-                writer.write(np.ascontiguousarray(array).tobytes())
-            elif _out_dtype(record, target) == record.dtype:
-                writer.copy_from(fds[record.path], record.offset, record.nbytes)
-            else:
-                _write_cast(writer, fds[record.path], record, target)
+            try:
+                if p.transform is not None:
+                    array = _cast(p.transform(record.read()), record, target)
+                    writer.write(np.ascontiguousarray(array).tobytes())
+                elif _out_dtype(record, target) == record.dtype:
+                    writer.copy_from(fds[record.path], record.offset, record.nbytes)
+                else:
+                    _write_cast(writer, fds[record.path], record, target)
+            except SourceEnded as err:
+                raise CheckpointError(
+                    record.path, f"{err} (truncated or changed while being read)"
+                ) from None
     except BaseException:
         writer.abort()
         raise
@@ -272,6 +283,8 @@ def _write_cast(writer: HashingWriter, fd: int, record: TensorRecord, target: st
     for first in range(0, numel, step):
         count = min(step, numel - first)
         raw = os.pread(fd, count * src.itemsize, record.offset + first * src.itemsize)
+        if len(raw) != count * src.itemsize:
+            raise SourceEnded(f"ended inside tensor {record.name}")
         writer.write(_cast(np.frombuffer(raw, src), record, target).tobytes())
 
 
@@ -283,14 +296,3 @@ def _cast(values: np.ndarray, record: TensorRecord, target: str | None) -> np.nd
     if not np.isfinite(cast).all() and np.isfinite(values).all():
         raise CheckpointError(record.path, f"tensor {record.name} overflows {target}")
     return cast
-
-
-def _publish(partial: Path, out: Path) -> None:
-    """Rename the finished folder to `out`, replacing an existing one only at the last step."""
-    if not out.exists():
-        partial.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-    out.rename(old / out.name)
-    partial.rename(out)
-    shutil.rmtree(old, ignore_errors=True)

@@ -4,6 +4,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from checkpoint.errors import CheckpointError, read_json
+
 MANIFEST_NAME = "manifest.json"
 FORMAT = "mistral-jax-port.manifest/1"
 
@@ -24,18 +26,35 @@ def write_manifest(folder: Path, files: dict[str, dict], source: dict, layout: s
 
 
 def read_manifest(folder: Path) -> dict:
-    """The parsed manifest; ValueError with the reason when it is missing or malformed."""
+    """The parsed manifest: {"format", "layout", "source", "files": {name: {sha256, bytes}}};
+    CheckpointError naming it when it is missing or malformed."""
     path = folder / MANIFEST_NAME
-    try:
-        manifest = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError("file not found") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"not valid JSON ({err})") from None
+    manifest = read_json(path, max_bytes=64 * 2**20)
     if (
         not isinstance(manifest, dict)
         or manifest.get("format") != FORMAT
         or not isinstance(manifest.get("files"), dict)
     ):
-        raise ValueError(f"not a {FORMAT} manifest")
+        raise CheckpointError(path, f"not a {FORMAT} manifest")
+    for name, entry in manifest["files"].items():
+        if not is_plain_file_name(name):
+            raise CheckpointError(path, f"entry {name!r:.80} is not a file name inside the folder")
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("sha256"), str)
+            and isinstance(entry.get("bytes"), int)
+        ):
+            raise CheckpointError(path, f"entry {name} is not {{sha256, bytes}}")
     return manifest
+
+
+def is_plain_file_name(name: object) -> bool:
+    """A name that stays inside its folder: no separators, not '.', '..' or hidden."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and not name.startswith(".")
+    )

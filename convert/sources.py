@@ -3,14 +3,13 @@ official names (wq/wk rows restored to interleaved-pair order on the fly; a head
 embeddings written out as output.weight)."""
 
 import dataclasses
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from checkpoint.args import ModelArgs
-from checkpoint.errors import CheckpointError
+from checkpoint.errors import CheckpointError, read_json
 from checkpoint.folder import INDEX_NAME, open_folder, raise_spec_problems, read_sharded_table
 from checkpoint.hf import args_from_hf_config, from_hf_names, halves_to_interleaved, rotary_heads
 from checkpoint.safetensors_file import read_safetensors_table
@@ -41,15 +40,12 @@ def open_source(folder: Path) -> Source:
             folder, "official", checkpoint.args, checkpoint.tensors, {}, checkpoint.weights
         )
     config_path = folder / "config.json"
-    try:
-        config = json.loads(config_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise CheckpointError(config_path, f"not valid JSON ({err})") from None
+    config = read_json(config_path)
     try:
         args, tied = args_from_hf_config(config)
     except KeyError as err:
         raise CheckpointError(config_path, f"missing key {err}") from None
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, ZeroDivisionError) as err:
         raise CheckpointError(config_path, str(err)) from None
     if (folder / INDEX_NAME).exists():
         stored, weights = read_sharded_table(folder / INDEX_NAME)

@@ -20,6 +20,10 @@ IN_FLIGHT = 3  # chunks queued for hashing before the copy waits
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 
 
+class SourceEnded(Exception):
+    """The file being copied from ended before the range asked for (truncated meanwhile)."""
+
+
 class HashingWriter:
     """Sequential writer of one file that also yields its SHA-256 and size."""
 
@@ -75,7 +79,7 @@ class HashingWriter:
             self._kernel_copy = False
             return 0
         if got <= 0:
-            raise OSError(f"unexpected end of file at byte {offset}")
+            raise SourceEnded(f"ended at byte {offset}, before the range to copy")
         return got
 
     def _copy_buffered(self, fd: int, offset: int, count: int) -> int:
@@ -84,7 +88,7 @@ class HashingWriter:
         view = memoryview(buffer)[:count]
         got = os.preadv(fd, [view], offset)
         if got <= 0:
-            raise OSError(f"unexpected end of file at byte {offset}")
+            raise SourceEnded(f"ended at byte {offset}, before the range to copy")
         self._write_all(view[:got])
         self._pending.append(self._pool.submit(self._sha.update, view[:got]))
         return got

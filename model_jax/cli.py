@@ -15,6 +15,7 @@ from model_jax.loading import load_model
 from model_jax.sharding import make_mesh
 
 DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
+MAX_NEW_TOKENS = 32768
 
 
 class TextStreamer:
@@ -33,12 +34,27 @@ class TextStreamer:
 
 
 @click.command(cls=OneLineErrors)
-@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.argument("folder", type=click.Path(path_type=str))
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Repeat for more.")
-@click.option("--max-new-tokens", default=64, show_default=True)
-@click.option("--temperature", default=0.0, show_default=True, help="0: greedy.")
-@click.option("--top-p", default=1.0, show_default=True)
-@click.option("--top-k", default=0, show_default=True, help="0: no top-k filter.")
+@click.option(
+    "--max-new-tokens", type=click.IntRange(1, MAX_NEW_TOKENS), default=64, show_default=True
+)
+@click.option(
+    "--max-prompt-tokens",
+    type=click.IntRange(1),
+    default=32768,
+    show_default=True,
+    help="Refuse longer prompts (the cache grows with them).",
+)
+@click.option(
+    "--temperature",
+    type=click.FloatRange(0, 100),
+    default=0.0,
+    show_default=True,
+    help="0: greedy.",
+)
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
+@click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0: off.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--dtype", type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True)
 @click.option("--mesh", "mesh_spec", help="Shard over DATAxMODEL devices, e.g. 1x8.")
@@ -48,7 +64,17 @@ class TextStreamer:
     help="Each prompt is a user message, rendered with the folder's instruct tokenizer.",
 )
 def main(
-    folder, prompts, max_new_tokens, temperature, top_p, top_k, seed, dtype, mesh_spec, chat
+    folder,
+    prompts,
+    max_new_tokens,
+    max_prompt_tokens,
+    temperature,
+    top_p,
+    top_k,
+    seed,
+    dtype,
+    mesh_spec,
+    chat,
 ) -> None:
     """Continue each PROMPT with the model in FOLDER (official or converted)."""
     try:
@@ -60,6 +86,12 @@ def main(
             tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else tokenizer.encode(p)
             for p in prompts
         ]
+        for i, ids in enumerate(encoded):
+            if len(ids) > max_prompt_tokens:
+                raise ValueError(
+                    f"prompt {i + 1} has {len(ids)} tokens, more than --max-prompt-tokens "
+                    f"{max_prompt_tokens}"
+                )
     except (CheckpointError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

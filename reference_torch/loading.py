@@ -9,16 +9,16 @@ needs and drops the mapping, so streaming a 7B keeps one block resident.
 """
 
 import contextlib
-import json
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from checkpoint.args import ModelArgs
-from checkpoint.errors import CheckpointError
-from checkpoint.folder import raise_spec_problems, weights_entry
+from checkpoint.errors import CheckpointError, describe, reading
+from checkpoint.folder import raise_spec_problems, read_weight_map, weights_entry
+from checkpoint.pth import check_pickle_size
 from reference_torch.model import Transformer, TransformerBlock
 
 SHELL_KEYS = ("tok_embeddings.weight", "norm.weight", "output.weight")
@@ -30,13 +30,8 @@ class _Tensors:
     def __init__(self, folder: Path):
         self.source = weights_entry(folder)
         if self.source.name.endswith(".index.json"):  # split official weights, or converted
-            try:
-                weight_map = json.loads(self.source.read_text())["weight_map"]
-                self.files = {name: folder / shard for name, shard in weight_map.items()}
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-                raise CheckpointError(
-                    self.source, f"not a valid safetensors index ({err})"
-                ) from None
+            weight_map = read_weight_map(self.source)
+            self.files = {name: folder / shard for name, shard in weight_map.items()}
         else:
             with self._open(self.source) as state:
                 self.files = dict.fromkeys(state, self.source)
@@ -66,6 +61,7 @@ class _Tensors:
 
 @contextlib.contextmanager
 def _pth_state(path: Path) -> Iterator[dict[str, torch.Tensor]]:
+    check_pickle_size(path)  # torch.load would inflate a data.pkl bomb in memory
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as err:  # torch raises many types for unsafe or corrupt pickles
@@ -94,12 +90,14 @@ class _SafetensorsState(Mapping):
 
 @contextlib.contextmanager
 def _safetensors_state(path: Path) -> Iterator[Mapping[str, torch.Tensor]]:
-    try:
-        handle = safe_open(path, framework="pt")
-    except (OSError, ValueError, RuntimeError) as err:
-        raise CheckpointError(path, f"cannot read safetensors ({err})") from None
-    with handle:
-        yield _SafetensorsState(handle)
+    """The file's tensors; the safetensors library's own errors (opening it, or a tensor it
+    lacks) become CheckpointErrors naming it."""
+    with reading(path):
+        try:
+            with safe_open(path, framework="pt") as handle:
+                yield _SafetensorsState(handle)
+        except SafetensorError as err:
+            raise CheckpointError(path, f"not a valid safetensors file ({describe(err)})") from None
 
 
 class ReferenceLoader:

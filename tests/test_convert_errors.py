@@ -178,10 +178,12 @@ def test_existing_out_is_refused_unless_overwrite(src, tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     convert_fails(src, out, expect="already exists (pass --overwrite")
-    assert (out / "keep.txt").read_text() == "mine"
-    result = CliRunner().invoke(convert_cli, [str(src), str(out), "--overwrite"])
-    assert result.exit_code == 0 and not (out / "keep.txt").exists()
-    assert (out / "manifest.json").exists()
+    convert_fails(src, out, "--overwrite", expect="not written by mistral-convert")
+    assert (out / "keep.txt").read_text() == "mine"  # a folder of the user's is never replaced
+    converted = tmp_path / "converted"
+    assert CliRunner().invoke(convert_cli, [str(src), str(converted)]).exit_code == 0
+    result = CliRunner().invoke(convert_cli, [str(src), str(converted), "--overwrite"])
+    assert result.exit_code == 0 and (converted / "manifest.json").exists()  # ours: replaced
 
 
 def test_disk_full_during_write(src, tmp_path, monkeypatch):
@@ -227,3 +229,21 @@ def test_run_killed_mid_way_leaves_no_out(src, tmp_path, sig):
     assert not out.exists()
     if sig == signal.SIGTERM:  # a catchable signal also removes the partial folder
         assert child.returncode != 0 and not list(tmp_path.glob(".out.partial-*"))
+
+
+def test_a_directory_in_place_of_the_weights_names_the_source(src, tmp_path):
+    (src / "consolidated.00.pth").unlink()
+    (src / "consolidated.00.pth").mkdir()
+    convert_fails(src, tmp_path / "out", expect="consolidated.00.pth: is a directory")
+
+
+def test_a_source_truncated_during_the_run_names_the_source(src, tmp_path, monkeypatch):
+    real = stream.HashingWriter.copy_from
+
+    def truncate_then_copy(self, fd, offset, nbytes):
+        os.truncate(src / "consolidated.00.pth", offset)  # someone cuts the file meanwhile
+        return real(self, fd, offset, nbytes)
+
+    monkeypatch.setattr(stream.HashingWriter, "copy_from", truncate_then_copy)
+    message = convert_fails(src, tmp_path / "out", expect="consolidated.00.pth: ended at byte")
+    assert "truncated or changed while being read" in message

@@ -93,3 +93,10 @@ def test_generate_renders_chat_prompts(make_checkpoint):
     )
     assert result.exit_code == 0, result.output
     assert result.output.startswith("--- prompt 1\nHi")
+
+
+def test_a_prompt_past_the_limit_is_refused_naming_it(make_checkpoint):
+    folder = make_checkpoint(tiny_args(vocab_size=32000))
+    result = CliRunner().invoke(generate_cli, [str(folder), "--prompt", "word " * 40_000])
+    assert result.exit_code == 2
+    assert "more than --max-prompt-tokens 32768" in result.stderr

@@ -260,3 +260,18 @@ def test_report_is_valid_json_even_with_non_finite_numbers(clean, tmp_path):
     assert report["first_failing_layer"] == 3 and report["failing_blocks"] == [3]
     assert "block 3" in result.output
     assert np.isinf(float(report["layers"][3]["pieces"][-1]["bf16_ratio"]))
+
+
+def test_a_corrupted_shard_header_is_a_checksum_failure_exit_1(clean, tmp_path):
+    source, out = clean
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken)
+    shard = next(broken.glob("model-*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[12:20] = b"\x00garbage"  # inside the JSON header
+    shard.write_bytes(bytes(data))
+    result = CliRunner().invoke(
+        verify_cli, verify_args(source, broken, "--report-dir", tmp_path / "report")
+    )
+    assert result.exit_code == 1, result.output
+    assert "does not match its manifest" in result.output and shard.name in result.output

@@ -13,8 +13,8 @@ from checkpoint.errors import CheckpointError
 from checkpoint.tokenizer import Tokenizer
 from verify.gates import Thresholds
 from verify.prompts import read_prompts
-from verify.report import write_report
-from verify.run import run_verification
+from verify.report import check_report_dir, write_report
+from verify.run import ChecksumFailure, resolve_devices, run_verification
 
 
 @click.command(cls=OneLineErrors)
@@ -81,6 +81,9 @@ def main(
         for folder in (reference, converted):
             if not folder.is_dir():
                 raise CheckpointError(folder, "not a directory")
+        where = "gpu" if resolve_devices(device)[0] == "cuda" else "cpu"
+        report_dir = report_dir or Path("reports") / f"{converted.name}-{dtype}-{where}"
+        check_report_dir(report_dir)
         prompts = None
         if prompts_file is not None:
             prompts = read_prompts(prompts_file, Tokenizer.from_folder(reference))
@@ -97,13 +100,15 @@ def main(
             mesh=mesh,
             on_step=_progress(),
         )
+    except ChecksumFailure as failure:
+        click.echo(f"FAIL: {converted} does not match its manifest and cannot be loaded")
+        for problem in [*failure.problems, str(failure.cause)][:20]:
+            click.echo(f"  {problem}")
+        sys.exit(1)
     except (CheckpointError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    where = "gpu" if result.environment.torch_device != "cpu" else "cpu"
-    folder = write_report(
-        result, report_dir or Path("reports") / f"{converted.name}-{dtype}-{where}"
-    )
+    folder = write_report(result, report_dir)
     if as_json:
         click.echo(result.to_json(), nl=False)
     else:

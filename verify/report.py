@@ -1,25 +1,61 @@
 """Write a `Report` as report.md (verdict first), report.json and drift.png."""
 
+import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
 from tabulate import tabulate
 
-from verify.results import GenerationResult, LayerResult, Report
+from checkpoint.errors import CheckpointError
+from verify.results import REPORT_FORMAT, GenerationResult, LayerResult, Report
 from verify.runners import PIECES
 
 REPORT_FILES = ("report.md", "report.json", "drift.png")
 
 
+def check_report_dir(folder: Path) -> None:
+    """CheckpointError unless `folder` can take a report without replacing anything that is
+    not ours: it is new, or a folder whose report files (if any) mistral-verify wrote."""
+    if folder.exists() and not folder.is_dir():
+        raise CheckpointError(folder, "--report-dir exists and is not a directory")
+    present = [name for name in REPORT_FILES if (folder / name).exists()]
+    if present and not _ours(folder / "report.json"):
+        raise CheckpointError(
+            folder,
+            f"holds {', '.join(present)} not written by mistral-verify; choose another "
+            "--report-dir",
+        )
+
+
+def _ours(path: Path) -> bool:
+    try:
+        return json.loads(path.read_text()).get("format") == REPORT_FORMAT
+    except (OSError, ValueError, AttributeError, RecursionError):
+        return False
+
+
 def write_report(report: Report, folder: str | Path) -> Path:
+    """report.json, report.md and drift.png in `folder`, each replaced atomically."""
     folder = Path(folder)
+    check_report_dir(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(report.to_json())
-    (folder / "report.md").write_text(markdown(report))
-    plot_drift(report, folder / "drift.png")
+    _replace(folder / "report.json", lambda path: path.write_text(report.to_json()))
+    _replace(folder / "report.md", lambda path: path.write_text(markdown(report)))
+    _replace(folder / "drift.png", lambda path: plot_drift(report, path))
     return folder
+
+
+def _replace(path: Path, write) -> None:
+    """Write through a hidden temporary file, then rename it over `path`."""
+    temporary = path.with_name(f".{path.stem}.writing-{os.getpid()}{path.suffix}")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
 
 
 def _g(value) -> str:
@@ -271,4 +307,4 @@ def plot_drift(r: Report, path: Path) -> None:
     bottom.set_xlabel("block (then final norm)")
     top.set_title(f"Per-layer drift: {r.verdict.upper()}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")

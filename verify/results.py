@@ -6,6 +6,8 @@ import math
 
 from verify.metrics import LogitMetrics, StateMetrics
 
+REPORT_FORMAT = "mistral-jax-port.report/1"
+
 
 @dataclasses.dataclass(frozen=True)
 class PieceResult:
@@ -132,7 +134,8 @@ class Report:
 
     def to_json(self) -> str:
         """JSON with non-finite numbers written as strings ("nan", "inf"), valid everywhere."""
-        return json.dumps(_finite(dataclasses.asdict(self)), indent=2) + "\n"
+        values = {"format": REPORT_FORMAT} | dataclasses.asdict(self)
+        return json.dumps(_finite(values), indent=2) + "\n"
 
 
 def _finite(value):

@@ -43,6 +43,15 @@ from verify.runners import JaxRunner, TorchRunner
 DTYPES = ("bfloat16", "float32")
 
 
+class ChecksumFailure(Exception):
+    """The converted folder does not match its manifest and cannot be loaded either: a parity
+    failure (exit 1), not bad input."""
+
+    def __init__(self, problems: list[str], cause: CheckpointError):
+        super().__init__(f"{len(problems)} checksum problem(s); loading failed: {cause}")
+        self.problems, self.cause = problems, cause
+
+
 def resolve_devices(device: str) -> tuple[str, jax.Device]:
     """(torch device, JAX device) for auto|cpu|gpu."""
     gpus = [d for d in jax.devices() if d.platform == "gpu"] if device != "cpu" else []
@@ -86,8 +95,15 @@ def run_verification(
     thresholds = thresholds or Thresholds()
     step = on_step or (lambda message: None)
     torch_device, jax_device = resolve_devices(device)
+    step("checksums")
+    checksum_problems = check_converted(converted)
     ref = TorchRunner(reference, torch_device)
-    port = JaxRunner(converted, make_mesh(mesh) if mesh else None)
+    try:
+        port = JaxRunner(converted, make_mesh(mesh) if mesh else None)
+    except CheckpointError as err:
+        if checksum_problems:
+            raise ChecksumFailure(checksum_problems, err) from None
+        raise
     if ref.args != port.args:
         raise CheckpointError(
             converted / "params.json",
@@ -107,8 +123,6 @@ def run_verification(
             )
     token_prompts = [list(p.tokens) for p in prompts]
 
-    step("checksums")
-    checksum_problems = check_converted(converted)
     peer_states = peer_logits = None
     if peer == "hf":
         step("peer: HF transformers")
