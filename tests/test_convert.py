@@ -170,3 +170,25 @@ def test_hashing_writer_copies_ranges_and_hashes_what_it_wrote(tmp_path, kernel_
     expected = b"head" + data[4099 : 4099 + stream.CHUNK_BYTES + 10] + data[7:107]
     assert (tmp_path / "out.bin").read_bytes() == expected
     assert digest == hashlib.sha256(expected).hexdigest() and writer.size == len(expected)
+
+
+@pytest.mark.parametrize("gap", ["entry-outside-out", "unlisted-extra-file", "dropped-tokenizer"])
+def test_check_closes_the_gaps_a_tampered_folder_could_use(make_checkpoint, tmp_path, gap):
+    out = tmp_path / "out"
+    convert_checkpoint(make_checkpoint(tiny_args(vocab_size=32000)), out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    if gap == "entry-outside-out":
+        manifest["files"]["../../../etc/passwd"] = {"sha256": "0" * 64, "bytes": 1}
+    elif gap == "unlisted-extra-file":
+        (out / "evil.py").write_text("import os\n")
+    else:
+        (out / "tokenizer.model").write_bytes(b"garbage")
+        del manifest["files"]["tokenizer.model"]
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    problems = check_converted(out)
+    expected = {
+        "entry-outside-out": "is not a file name inside the folder",
+        "unlisted-extra-file": "evil.py: not listed in the manifest",
+        "dropped-tokenizer": "tokenizer.model: not listed in the manifest",
+    }[gap]
+    assert any(expected in p for p in problems), problems
