@@ -73,7 +73,7 @@ def main(paths, max_shard_size, dtype, layout, overwrite, check, as_json) -> Non
             dtype=dtype,
             overwrite=overwrite,
             layout=layout,
-            progress=Progress(),
+            progress=Progress("converting"),
         )
     except (CheckpointError, ValueError) as err:  # ValueError: an option's value
         _fail(str(err))

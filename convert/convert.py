@@ -1,8 +1,10 @@
-"""`convert_checkpoint`: official folder → sharded safetensors, streaming and atomic.
+"""`convert_checkpoint`: an official or HF folder → sharded safetensors with the official
+tensor names (for the JAX model) or an HF transformers folder; streaming and atomic.
 
-Tensor names stay the official ones; with dtype "keep" every tensor's bytes are copied as they
-are (no decode, no transpose). Output is written into a hidden sibling folder that is renamed to
-`out` only when complete, so an interrupted run never leaves anything at `out`.
+In the JAX layout tensor names stay the official ones; with dtype "keep" every tensor's bytes
+are copied as they are (no decode, no transpose). Output is written into a hidden sibling
+folder that is renamed to `out` only when complete, so an interrupted run never leaves anything
+at `out`.
 """
 
 import dataclasses
@@ -31,7 +33,7 @@ from convert.publish import (
     remove_leftovers,
 )
 from convert.safetensors_header import header_bytes
-from convert.sharding import parse_size, plan_shards, shard_name
+from convert.shard_files import parse_size, plan_shards, shard_name
 from convert.sources import Source, Transform, open_source
 from convert.stream import CHUNK_BYTES, HashingWriter, SourceEnded
 
@@ -200,7 +202,8 @@ def _write_folder(
         fds = {}
         for path in checkpoint.weights:
             fds[path] = os.open(path, os.O_RDONLY)
-            os.posix_fadvise(fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)  # as cp: more readahead
+            if hasattr(os, "posix_fadvise"):  # Linux: as cp, ask for more readahead
+                os.posix_fadvise(fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
             stack.callback(os.close, fds[path])
         for i, names in enumerate(plan):
             name = shard_name(i, len(plan))

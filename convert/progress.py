@@ -1,36 +1,42 @@
-"""A bytes-written progress bar on a terminal; silent otherwise."""
+"""Progress on a terminal (tqdm: phase, amount done, rate, ETA); silent otherwise."""
 
 import sys
-import time
+
+from tqdm import tqdm
 
 
 class Progress:
-    """Callable with the number of bytes just written; draws at most every `interval` s."""
+    """Told a total, then every amount just done; a tqdm bar when stderr is a terminal."""
 
-    def __init__(self, stream=sys.stderr, *, enabled: bool | None = None, interval: float = 0.2):
-        self.stream = stream
-        self.enabled = stream.isatty() if enabled is None else enabled
-        self.total = self.done = 0
-        self._interval = interval
-        self._start = self._last = time.perf_counter()
+    def __init__(self, description: str = "", *, unit: str = "B", enabled: bool | None = None):
+        self.description, self.unit = description, unit
+        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        self.total = 0
+        self._bar: tqdm | None = None
 
-    def start(self, total: int) -> None:
-        self.total, self.done = total, 0
-        self._start = self._last = time.perf_counter()
-
-    def __call__(self, nbytes: int) -> None:
-        self.done += nbytes
-        now = time.perf_counter()
-        if self.enabled and (now - self._last >= self._interval or self.done >= self.total):
-            self._last = now
-            frac = min(1.0, self.done / self.total) if self.total else 1.0
-            rate = self.done / max(now - self._start, 1e-9) / 1e6
-            self.stream.write(
-                f"\r[{'#' * int(30 * frac):<30}] {self.done / 1e9:6.2f}/{self.total / 1e9:.2f} GB"
-                f" {rate:7.0f} MB/s"
+    def start(self, total: int | None) -> None:
+        """Show the bar; `total` None while it is not known yet (`restart` sets it)."""
+        self.total = total or 0
+        if self.enabled:
+            scale = self.unit == "B"
+            self._bar = tqdm(
+                total=total, desc=self.description, unit=self.unit, unit_scale=scale, leave=False
             )
-            self.stream.flush()
+
+    def __call__(self, amount: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(amount)
+
+    def restart(self, total: int) -> None:
+        self.total = total
+        if self._bar is not None:
+            self._bar.reset(total=total)
+
+    def phase(self, description: str) -> None:
+        if self._bar is not None:
+            self._bar.set_description_str(description)
 
     def finish(self) -> None:
-        if self.enabled:
-            self.stream.write("\n")
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Shaped
 
 from checkpoint.args import ModelArgs
+from checkpoint.dtypes import jax_dtype
 from reference_torch.cache import cache_slots
 
 
@@ -21,8 +22,9 @@ class KVCache(eqx.Module):
     positions: tuple[Int[Array, " _slots"], ...]
 
     @classmethod
-    def empty(cls, args: ModelArgs, capacity: int, dtype=jnp.bfloat16) -> "KVCache":
+    def empty(cls, args: ModelArgs, capacity: int, dtype="bfloat16") -> "KVCache":
         """A cache for sequences up to `capacity` tokens."""
+        dtype = jax_dtype(dtype)
         pattern = args.window_pattern
         groups = args.n_layers // len(pattern)
         k, v, positions = [], [], []

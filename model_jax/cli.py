@@ -5,16 +5,15 @@ import sys
 
 import click
 import jax
-import jax.numpy as jnp
 
 from checkpoint.cli_errors import OneLineErrors
+from checkpoint.dtypes import DTYPE_NAMES
 from checkpoint.errors import CheckpointError
 from checkpoint.tokenizer import Tokenizer
 from model_jax.generate import generate
 from model_jax.loading import load_model
 from model_jax.sharding import make_mesh
 
-DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32}
 MAX_NEW_TOKENS = 32768
 
 
@@ -56,7 +55,7 @@ class TextStreamer:
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0: off.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(list(DTYPES)), default="bfloat16", show_default=True)
+@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="bfloat16", show_default=True)
 @click.option("--mesh", "mesh_spec", help="Shard over DATAxMODEL devices, e.g. 1x8.")
 @click.option(
     "--chat",
@@ -80,7 +79,7 @@ def main(
     try:
         tokenizer = Tokenizer.from_folder(folder)
         mesh = make_mesh(mesh_spec) if mesh_spec else None
-        model = load_model(folder, dtype=DTYPES[dtype], mesh=mesh)
+        model = load_model(folder, dtype=dtype, mesh=mesh)
         tokenizer.check_vocab(model.args.vocab_size, f"{folder}/params.json")
         encoded = [
             tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else tokenizer.encode(p)

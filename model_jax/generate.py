@@ -5,7 +5,8 @@ Prompts of different lengths are prefilled together in chunks (default: the slid
 into per-sequence caches; padding has position -1 and is never written to the cache. The chunk
 length and the cache capacity are rounded up to powers of two, so programs are compiled once per
 (batch size, length bucket), not once per prompt length. The first generated token sits at
-position L (the prompt length); decoding stops per sequence at `eos_id`.
+position L (the prompt length); decoding stops per sequence at `eos_id`. On a mesh, the batch is
+split over its "data" axis (data parallel) and the weights over "model" (tensor parallel).
 """
 
 import functools
@@ -14,6 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
 from model_jax.cache import KVCache
@@ -62,25 +64,21 @@ def generate(
     chunk = min(chunk_size or args.shortest_window or DEFAULT_CHUNK, bucket(longest))
     capacity = bucket(longest + max_new_tokens)
     batch = len(prompts)
-    cache = jax.vmap(lambda _: KVCache.empty(args, capacity, model.dtype))(jnp.arange(batch))
+    put = _batch_placement(model, batch)
+    cache = put(jax.vmap(lambda _: KVCache.empty(args, capacity, model.dtype))(jnp.arange(batch)))
 
-    logits = jnp.zeros((batch, args.vocab_size), jnp.float32)
+    logits = put(jnp.zeros((batch, args.vocab_size), jnp.float32))
     for start in range(0, longest, chunk):
         tokens, positions = _chunk_arrays(prompts, start, chunk)
         last = np.where(
             (lengths - 1 >= start) & (lengths - 1 < start + chunk), lengths - 1 - start, -1
         )
         cache, logits = _prefill(
-            model,
-            jax.device_put(tokens),
-            jax.device_put(positions),
-            cache,
-            jax.device_put(last.astype(np.int32)),
-            logits,
+            model, put(tokens), put(positions), cache, put(last.astype(np.int32)), logits
         )
 
     choose = functools.partial(_choose, temperature=temperature, top_p=top_p, top_k=top_k)
-    positions = jax.device_put(lengths.astype(np.int32))
+    positions = put(lengths.astype(np.int32))
     done = jnp.zeros(batch, bool)
     out_tokens, out_logprobs, out_live = [], [], []
     for step in range(max_new_tokens):
@@ -110,6 +108,17 @@ def generate(
     if return_logprobs:
         return result, [logprobs[i][live[i]].tolist() for i in range(batch)]
     return result
+
+
+def _batch_placement(model: Transformer, batch: int):
+    """Where batch-leading arrays go: split over the mesh's "data" axis when the weights live
+    on a mesh whose data axis divides the batch, else the default device."""
+    mesh = getattr(getattr(model.output.weight, "sharding", None), "mesh", None)
+    data = dict(mesh.shape).get("data", 1) if isinstance(mesh, Mesh) else 1
+    if data == 1 or batch % data:
+        return jax.device_put
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    return lambda tree: jax.device_put(tree, sharding)
 
 
 def _chunk_arrays(prompts: list[list[int]], start: int, chunk: int):

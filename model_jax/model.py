@@ -1,5 +1,7 @@
 """The Mistral transformer in Equinox — mirrors `reference_torch/model.py` class for class,
-with the same parameter names, so the checkpoint key map is the identity.
+with the same parameter names, so the checkpoint key map is the identity. How every parameter
+lies on a mesh, and which fields stack their leaves, is declared on the fields
+(`model_jax.structure`).
 
 The blocks are stored stacked (every leaf of `Transformer.layers` has a leading `layers` axis)
 and run with `lax.scan` over groups of one window-pattern period, so the compiled program does
@@ -9,7 +11,6 @@ rounded where torch rounds them, fp32 logits.
 """
 
 import dataclasses
-from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -21,18 +22,20 @@ from checkpoint.args import ModelArgs
 from model_jax.cache import KVCache, write_slots
 from model_jax.moe import MoeFeedForward
 from model_jax.rope import apply_rotary, rotary_angles
+from model_jax.structure import sharded, stacked
 
 HIGHEST = lax.Precision.HIGHEST  # fp32 matmuls stay fp32 on GPU/TPU (no TF32)
-# Checkpoint name → array; `layers.<name>` (no block number) is stacked over blocks and a name
-# holding `{e}` over experts (model_jax.loading.make_getter).
-Getter = Callable[[str], Array]
 
 
 class Linear(eqx.Module):
-    weight: Float[Array, "*layers out in"]  # torch layout; `layers` axis when stacked
+    weight: Float[Array, "*stack out in"]  # torch layout; leading axes when stacked
 
     def __call__(self, x: Float[Array, "seq in"]) -> Float[Array, "seq out"]:
         return jnp.matmul(x, self.weight.T, precision=HIGHEST)
+
+    @classmethod
+    def zeros(cls, out: int, in_: int, dtype) -> "Linear":
+        return cls(jnp.zeros((out, in_), dtype))
 
 
 class Embedding(eqx.Module):
@@ -43,13 +46,17 @@ class Embedding(eqx.Module):
 
 
 class RMSNorm(eqx.Module):
-    weight: Float[Array, "*layers dim"]
+    weight: Float[Array, "*stack dim"]
     eps: float = eqx.field(static=True)
 
     def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
         xf = x.astype(jnp.float32)
         normed = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
         return normed.astype(x.dtype) * self.weight
+
+    @classmethod
+    def zeros(cls, args: ModelArgs, dtype) -> "RMSNorm":
+        return cls(jnp.zeros((args.dim,), dtype), args.norm_eps)
 
 
 def attention_mask(
@@ -64,10 +71,10 @@ def attention_mask(
 
 
 class Attention(eqx.Module):
-    wq: Linear
-    wk: Linear
-    wv: Linear
-    wo: Linear
+    wq: Linear = sharded("model", None)  # rows: heads
+    wk: Linear = sharded("model", None)
+    wv: Linear = sharded("model", None)
+    wo: Linear = sharded(None, "model")  # columns: heads
     n_heads: int = eqx.field(static=True)
     n_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
@@ -109,24 +116,57 @@ class Attention(eqx.Module):
         out = jnp.einsum("grts,sgd->tgrd", probs, values, precision=HIGHEST)
         return self.wo(out.reshape(T, -1)), xk, xv
 
+    @classmethod
+    def zeros(cls, args: ModelArgs, window: int | None, dtype) -> "Attention":
+        q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+        return cls(
+            Linear.zeros(q, args.dim, dtype),
+            Linear.zeros(kv, args.dim, dtype),
+            Linear.zeros(kv, args.dim, dtype),
+            Linear.zeros(args.dim, q, dtype),
+            args.n_heads,
+            args.n_kv_heads,
+            args.head_dim,
+            window,
+        )
+
 
 class FeedForward(eqx.Module):
-    w1: Linear
-    w2: Linear
-    w3: Linear
+    w1: Linear = sharded("model", None)  # rows: hidden_dim
+    w2: Linear = sharded(None, "model")  # columns: hidden_dim
+    w3: Linear = sharded("model", None)
 
     def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
         gate = jax.nn.silu(self.w1(x).astype(jnp.float32)).astype(x.dtype)
         return self.w2(gate * self.w3(x))
 
+    @classmethod
+    def zeros(cls, args: ModelArgs, dtype) -> "FeedForward":
+        return cls(
+            Linear.zeros(args.hidden_dim, args.dim, dtype),
+            Linear.zeros(args.dim, args.hidden_dim, dtype),
+            Linear.zeros(args.hidden_dim, args.dim, dtype),
+        )
+
 
 class TransformerBlock(eqx.Module):
     attention: Attention
     feed_forward: FeedForward | MoeFeedForward
-    attention_norm: RMSNorm
-    ffn_norm: RMSNorm
+    attention_norm: RMSNorm = sharded(None)
+    ffn_norm: RMSNorm = sharded(None)
 
-    def __call__(self, x, cos, sin, positions, cached=None):
+    def __call__(
+        self,
+        x: Float[Array, "seq dim"],
+        cos: Float[Array, "seq half"],
+        sin: Float[Array, "seq half"],
+        positions: Int[Array, " seq"],
+        cached: tuple[Array, Array, Array] | None = None,
+    ) -> tuple[
+        Float[Array, "seq dim"],
+        Float[Array, "seq kv_heads head_dim"],
+        Float[Array, "seq kv_heads head_dim"],
+    ]:
         """(seq, dim) → (seq, dim), plus the chunk's keys and values for the cache."""
         attn, xk, xv = self.attention(self.attention_norm(x), cos, sin, positions, cached)
         h = x + attn
@@ -138,64 +178,40 @@ class TransformerBlock(eqx.Module):
         return eqx.tree_at(lambda b: b.attention, self, attention)
 
     @classmethod
-    def load(
-        cls, args: ModelArgs, get: Getter, prefix: str, window: int | None
-    ) -> "TransformerBlock":
-        """Build from checkpoint names `{prefix}attention.wq.weight`, …, with this window."""
-
-        def linear(name: str) -> Linear:
-            return Linear(get(f"{prefix}{name}.weight"))
-
+    def zeros(cls, args: ModelArgs, window: int | None, dtype) -> "TransformerBlock":
+        if args.moe is None:
+            feed_forward = FeedForward.zeros(args, dtype)
+        else:
+            feed_forward = MoeFeedForward.zeros(args, dtype, FeedForward.zeros, Linear.zeros)
         return cls(
-            attention=Attention(
-                linear("attention.wq"),
-                linear("attention.wk"),
-                linear("attention.wv"),
-                linear("attention.wo"),
-                args.n_heads,
-                args.n_kv_heads,
-                args.head_dim,
-                window,
-            ),
-            feed_forward=_feed_forward(args, get, prefix),
-            attention_norm=RMSNorm(get(f"{prefix}attention_norm.weight"), args.norm_eps),
-            ffn_norm=RMSNorm(get(f"{prefix}ffn_norm.weight"), args.norm_eps),
+            Attention.zeros(args, window, dtype),
+            feed_forward,
+            RMSNorm.zeros(args, dtype),
+            RMSNorm.zeros(args, dtype),
         )
 
 
-def _feed_forward(args: ModelArgs, get: Getter, prefix: str) -> FeedForward | MoeFeedForward:
-    """The dense FFN, or Mixtral's experts (`{e}` in a name: stacked over experts)."""
-
-    def ffn(p: str) -> FeedForward:
-        return FeedForward(*(Linear(get(f"{p}{w}.weight")) for w in ("w1", "w2", "w3")))
-
-    if args.moe is None:
-        return ffn(f"{prefix}feed_forward.")
-    return MoeFeedForward(
-        gate=Linear(get(f"{prefix}feed_forward.gate.weight")),
-        experts=ffn(f"{prefix}feed_forward.experts.{{e}}."),
-        num_experts_per_tok=args.moe.num_experts_per_tok,
-    )
-
-
 class Transformer(eqx.Module):
-    tok_embeddings: Embedding
+    tok_embeddings: Embedding = sharded(None, "model")  # over dim
     # Every leaf stacked over a leading `layers` axis; each layer's window is applied from
     # `args.window_pattern` when the blocks run (`run_layers`).
-    layers: TransformerBlock
-    norm: RMSNorm
-    output: Linear
+    layers: TransformerBlock = stacked("layers")
+    norm: RMSNorm = sharded(None)
+    output: Linear = sharded("model", None)  # over the vocabulary
     args: ModelArgs = eqx.field(static=True)
 
     @classmethod
-    def load(cls, args: ModelArgs, get: Getter) -> "Transformer":
-        """Build from a getter; `get("layers.<name>")` must return the block tensors stacked."""
+    def zeros(cls, args: ModelArgs, dtype) -> "Transformer":
+        """The model with every parameter zero (under `eqx.filter_eval_shape`: shapes only)."""
+        layers = eqx.filter_vmap(lambda _: TransformerBlock.zeros(args, None, dtype))(
+            jnp.arange(args.n_layers)
+        )
         return cls(
-            tok_embeddings=Embedding(get("tok_embeddings.weight")),
-            layers=TransformerBlock.load(args, get, "layers.", window=None),
-            norm=RMSNorm(get("norm.weight"), args.norm_eps),
-            output=Linear(get("output.weight")),
-            args=args,
+            Embedding(jnp.zeros((args.vocab_size, args.dim), dtype)),
+            layers,
+            RMSNorm.zeros(args, dtype),
+            Linear.zeros(args.vocab_size, args.dim, dtype),
+            args,
         )
 
     @property

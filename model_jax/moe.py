@@ -1,17 +1,22 @@
 """Mixtral's sparse feed-forward in Equinox — mirrors `reference_torch/moe.py`.
 
-Experts are stored stacked (leading `experts` axis) and evaluated together with `vmap`, so the
-program does not grow with the number of layers; each token's output is the softmax-weighted
-sum of its top-k experts, accumulated in expert order in the model dtype as the reference does.
-All experts are computed for every token (dense): simple and exact, at num_experts / k times
-the FLOPs of a gathered implementation.
+Experts are stored stacked (a leading `experts` axis, split over the mesh's model axis: whole
+experts per device) and all evaluated with `vmap` on every token (dense: simple and exact, at
+num_experts / k times the FLOPs of a gathered implementation); each token's output is the
+softmax-weighted sum of its top-k experts, accumulated in expert order in the model dtype as the
+reference does.
 """
+
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, Int
+
+from checkpoint.args import ModelArgs
+from model_jax.structure import sharded, stacked
 
 
 def route(
@@ -24,8 +29,8 @@ def route(
 
 
 class MoeFeedForward(eqx.Module):
-    gate: eqx.Module  # Linear: dim → experts
-    experts: eqx.Module  # FeedForward, every leaf stacked over a leading `experts` axis
+    gate: eqx.Module = sharded(None, None)  # Linear: dim → experts (the router, replicated)
+    experts: eqx.Module = stacked("experts", "model")  # FeedForward, stacked over experts
     num_experts_per_tok: int = eqx.field(static=True)
 
     def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
@@ -37,3 +42,15 @@ class MoeFeedForward(eqx.Module):
             coef = jnp.sum(jnp.where(selected == e, weights, jnp.zeros_like(weights)), axis=-1)
             out = out + coef[:, None] * outputs[e]
         return out
+
+    @classmethod
+    def zeros(
+        cls, args: ModelArgs, dtype, make_expert: Callable, make_gate: Callable
+    ) -> "MoeFeedForward":
+        """`make_expert(args, dtype)` builds one expert (as the reference's `expert_factory`),
+        `make_gate(out, in, dtype)` the router."""
+        experts = eqx.filter_vmap(lambda _: make_expert(args, dtype))(
+            jnp.arange(args.moe.num_experts)
+        )
+        gate = make_gate(args.moe.num_experts, args.dim, dtype)
+        return cls(gate, experts, args.moe.num_experts_per_tok)

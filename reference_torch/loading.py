@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from checkpoint.args import ModelArgs
+from checkpoint.dtypes import torch_dtype
 from checkpoint.errors import CheckpointError, describe, reading
 from checkpoint.folder import raise_spec_problems, read_weight_map, weights_entry
 from checkpoint.pth import check_pickle_size
@@ -124,10 +125,10 @@ class ReferenceLoader:
                 tensor = tensors[name]
                 if not torch.isfinite(tensor).all():
                     raise CheckpointError(self._tensors.files[name], f"tensor {name} is not finite")
-                state[key] = tensor.to(device=device, dtype=dtype, copy=True)
+                state[key] = tensor.to(device=device, dtype=torch_dtype(dtype), copy=True)
         module.load_state_dict(state, strict=strict, assign=True)
 
-    def model(self, *, dtype: torch.dtype, device: str | torch.device = "cpu") -> Transformer:
+    def model(self, *, dtype="bfloat16", device: str | torch.device = "cpu") -> Transformer:
         """The whole model, strict on keys and shapes."""
         with torch.device("meta"):
             model = Transformer(self.args)
@@ -135,7 +136,7 @@ class ReferenceLoader:
         self._assign(model, names, dtype, device)
         return model.eval().requires_grad_(False)
 
-    def shell(self, *, dtype: torch.dtype, device: str | torch.device = "cpu") -> Transformer:
+    def shell(self, *, dtype="bfloat16", device: str | torch.device = "cpu") -> Transformer:
         """Embeddings, final norm and head loaded; the blocks stay on the meta device."""
         with torch.device("meta"):
             model = Transformer(self.args)
@@ -143,7 +144,7 @@ class ReferenceLoader:
         return model.eval().requires_grad_(False)
 
     def block(
-        self, i: int, *, dtype: torch.dtype, device: str | torch.device = "cpu"
+        self, i: int, *, dtype="bfloat16", device: str | torch.device = "cpu"
     ) -> TransformerBlock:
         """Block `i` alone."""
         with torch.device("meta"):

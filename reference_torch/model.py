@@ -118,9 +118,10 @@ class Transformer(nn.Module):
 
     @classmethod
     def from_folder(
-        cls, folder, *, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu"
+        cls, folder, *, dtype="bfloat16", device: str | torch.device = "cpu"
     ) -> "Transformer":
-        """Load an official (or converted) folder, strict on keys and shapes."""
+        """Load an official (or converted) folder, strict on keys and shapes; `dtype` a name
+        ("bfloat16", "float32", …) or a torch dtype."""
         from reference_torch.loading import ReferenceLoader
 
         return ReferenceLoader(folder).model(dtype=dtype, device=device)

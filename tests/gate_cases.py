@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 from faults import CODE_FAULTS, WEIGHT_FAULTS
+from support import tiny_args
 
-from checkpoint.args import ModelArgs
 from checkpoint.tiny import bundled_tokenizer, random_state_dict, write_tiny_checkpoint
 from checkpoint.tokenizer import Tokenizer
 from checkpoint.trained_like import trained_like_state_dict
@@ -24,28 +24,9 @@ from verify.run import run_verification
 
 CONFIGS = {
     # GQA, head_dim ≠ dim / n_heads, a 32-token window shorter than the long prompts.
-    "random": ModelArgs(
-        dim=64,
-        n_layers=6,
-        head_dim=16,
-        hidden_dim=128,
-        n_heads=4,
-        n_kv_heads=2,
-        norm_eps=1e-5,
-        vocab_size=32000,
-        sliding_window=32,
-    ),
+    "random": tiny_args(n_layers=6, vocab_size=32000, sliding_window=32),
     # The smallest shape the massive-activation mechanism supports (checkpoint/trained_like.py).
-    "trained-like": ModelArgs(
-        dim=128,
-        n_layers=6,
-        head_dim=32,
-        hidden_dim=256,
-        n_heads=4,
-        n_kv_heads=2,
-        norm_eps=1e-5,
-        vocab_size=32000,
-    ),
+    "trained-like": tiny_args(dim=128, n_layers=6, head_dim=32, hidden_dim=256, vocab_size=32000),
 }
 # A fault goes into the early, middle and late block at once. Teacher forcing feeds every block
 # the reference's own input, so each block is judged alone: exactly these blocks must fail.

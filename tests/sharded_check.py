@@ -10,6 +10,7 @@ import numpy as np
 
 import model_jax
 from model_jax import sharding
+from model_jax.generate import _batch_placement
 from model_jax.sharding import make_mesh
 from verify.run import run_verification
 
@@ -36,6 +37,9 @@ tokens = jnp.asarray(np.random.default_rng(0).integers(3, 500, 40), jnp.int32)
 expected, actual = np.asarray(single(tokens)), np.asarray(sharded(tokens))
 wq = sharded.layers.attention.wq.weight
 prompts = [tokens[:7].tolist(), tokens.tolist()]
+# Data parallel: a 2x4 mesh splits the batch over "data", the weights over "model".
+data_parallel = model_jax.load_model(folder, dtype=jnp.float32, mesh=make_mesh("2x4"))
+batch_sharding = _batch_placement(data_parallel, 2)(jnp.zeros((2, 3))).sharding
 print(
     json.dumps(
         {
@@ -49,12 +53,17 @@ print(
             "model_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(single)),
             "generate_equal": model_jax.generate(sharded, prompts, max_new_tokens=8)
             == model_jax.generate(single, prompts, max_new_tokens=8),
+            "data_parallel_generate_equal": model_jax.generate(
+                data_parallel, prompts, max_new_tokens=8
+            )
+            == model_jax.generate(single, prompts, max_new_tokens=8),
+            "batch_split_over": list(batch_sharding.spec),
             "verify": run_verification(
                 reference,
                 folder,
                 prompts=["Sharded, and still the same"],
                 max_new_tokens=8,
-                mesh=mesh_spec,
+                mesh=mesh,
             ).verdict,
         }
     )

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import random_tokens, relative_error, tiny_args
+from support import random_tokens, relative_error, tiny_args
 
 import reference_torch
 from model_jax import KVCache, load_model

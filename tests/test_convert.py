@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import random_tokens, tiny_args
+from support import random_tokens, tiny_args
 
 import reference_torch
 from checkpoint.folder import INDEX_NAME, open_folder
@@ -17,7 +17,7 @@ from convert import stream
 from convert.check import check_converted
 from convert.cli import main as convert_cli
 from convert.convert import convert_checkpoint
-from convert.sharding import parse_size, plan_shards, shard_name
+from convert.shard_files import parse_size, plan_shards, shard_name
 from model_jax import load_model
 
 ARGS = tiny_args(vocab_size=32000, sliding_window=8)  # the real v0.1 tokenizer fits

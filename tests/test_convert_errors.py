@@ -14,7 +14,7 @@ import time
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tiny_args
+from support import tiny_args
 
 from checkpoint.tiny import random_state_dict
 from convert import stream

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_args
+from safetensors import SafetensorError, safe_open
+from support import tiny_args
 
 from checkpoint.args import ModelArgs
 from checkpoint.errors import CheckpointError
 from checkpoint.folder import open_folder
+from checkpoint.safetensors_file import read_safetensors_table
 from checkpoint.tiny import write_tiny_checkpoint
 from convert.check import check_converted
 from convert.convert import convert_checkpoint
@@ -116,13 +118,14 @@ def safetensors_mutations(data: bytes, seed: int) -> list[bytes]:
 
 
 class _Storage:
-    def __init__(self, key, numel):
-        self.key, self.numel = key, numel
+    def __init__(self, key, numel, pid=None):
+        self.key, self.numel, self.pid = key, numel, pid
 
 
-def crafted_pth(path: Path, table) -> None:
+def crafted_pth(path: Path, table, byteorder: bytes = b"little") -> None:
     """A torch-style zip whose data.pkl pickles `table`, with `_Storage` objects as
-    persistent storages and tuples (rebuild args…) as `_rebuild_tensor_v2` calls."""
+    persistent storages (or their raw `pid`) and tuples (rebuild args…) as
+    `_rebuild_tensor_v2` calls; its 64-byte storage "0" follows."""
 
     class Rebuild:
         def __init__(self, args):
@@ -134,6 +137,8 @@ def crafted_pth(path: Path, table) -> None:
     class Pickler(pickle.Pickler):
         def persistent_id(self, obj):
             if isinstance(obj, _Storage):
+                if obj.pid is not None:
+                    return obj.pid
                 return ("storage", torch.BFloat16Storage, obj.key, "cpu", obj.numel)
             return None
 
@@ -148,19 +153,43 @@ def crafted_pth(path: Path, table) -> None:
     Pickler(buffer, protocol=2).dump(convert(table))
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
         archive.writestr("consolidated/data.pkl", buffer.getvalue())
+        archive.writestr("consolidated/byteorder", byteorder)
         archive.writestr("consolidated/data/0", bytes(64))
 
 
+def tensor(storage=None, offset=0, shape=(4,), stride=(1,)):
+    storage = _Storage("0", 32) if storage is None else storage
+    return ("rebuild", storage, offset, shape, stride, False, {})
+
+
+# name → (data.pkl's table, the one-line message expected)
 CRAFTED = {
-    "shape-of-strings": {"w": ("rebuild", _Storage("0", 32), 0, ("a", "b"), (1,), False, {})},
-    "storage-is-an-int": {"w": ("rebuild", 7, 0, (4,), (1,), False, {})},
-    "offset-is-a-list": {"w": ("rebuild", _Storage("0", 32), [0], (4,), (1,), False, {})},
-    "negative-size": {"w": ("rebuild", _Storage("0", 32), 0, (-4,), (1,), False, {})},
-    "storage-key-is-a-list": {"w": ("rebuild", _Storage(["0"], 32), 0, (4,), (1,), False, {})},
-    "numel-is-a-string": {"w": ("rebuild", _Storage("0", "32"), 0, (4,), (1,), False, {})},
-    "key-not-a-string": {5: ("rebuild", _Storage("0", 32), 0, (4,), (1,), False, {})},
-    "not-a-dict": [1, 2, 3],
-    "huge-shape": {"w": ("rebuild", _Storage("0", 32), 0, (2**62, 2**62), (1, 1), False, {})},
+    "shape-of-strings": ({"w": tensor(shape=("a", "b"))}, "shape is not a non-negative integer"),
+    "storage-is-an-int": ({"w": tensor(storage=7)}, "storage is not a storage"),
+    "offset-is-a-list": ({"w": tensor(offset=[0])}, "offset is not a non-negative integer"),
+    "negative-size": ({"w": tensor(shape=(-4,))}, "shape is not a non-negative integer"),
+    "storage-key-is-a-list": ({"w": tensor(_Storage(["0"], 32))}, "key is not a string"),
+    "numel-is-a-string": ({"w": tensor(_Storage("0", "32"))}, "size is not a non-negative"),
+    "key-not-a-string": ({5: tensor()}, "not hold a flat dict of name → tensor"),
+    "not-a-dict": ([1, 2, 3], "not hold a flat dict of name → tensor"),
+    "huge-shape": (
+        {"w": tensor(shape=(2**62, 2**62), stride=(2**62, 1))},
+        "tensor w lies outside its storage",
+    ),
+    "offset-outside-storage": ({"w": tensor(offset=30)}, "tensor w lies outside its storage"),
+    "storage-longer-than-its-entry": (
+        {"w": tensor(_Storage("0", 33))},
+        "holds 64 bytes, its storage needs 66",
+    ),
+    "storage-entry-missing": ({"w": tensor(_Storage("1", 32))}, "entry consolidated/data/1 is"),
+    "bad-persistent-id": (
+        {"w": tensor(_Storage("0", 32, pid=("module", "os.system")))},
+        "unsupported persistent id",
+    ),
+    "unsupported-storage-type": (
+        {"w": tensor(_Storage("0", 32, pid=("storage", "BFloat16", "0", "cpu", 32)))},
+        "unsupported storage type",
+    ),
 }
 
 
@@ -220,12 +249,38 @@ def test_mutated_pth_files(corpus, tmp_path):
 def test_crafted_pickles_are_refused_in_one_line(corpus, tmp_path, name):
     case = tmp_path / "case"
     shutil.copytree(corpus["pth"], case)
-    crafted_pth(case / "consolidated.00.pth", CRAFTED[name])
-    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: "):
+    table, message = CRAFTED[name]
+    crafted_pth(case / "consolidated.00.pth", table)
+    with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: ") as refused:
         open_folder(case)
+    assert message in str(refused.value)
     with pytest.raises(CheckpointError, match=r"consolidated\.00\.pth: "):
         ReferenceLoader(case)
     assert_converts_or_fails_cleanly(case, tmp_path, name)
+
+
+def test_a_big_endian_checkpoint_is_refused(corpus, tmp_path):
+    case = tmp_path / "case"
+    shutil.copytree(corpus["pth"], case)
+    crafted_pth(case / "consolidated.00.pth", {"w": tensor()}, byteorder=b"big")
+    with pytest.raises(CheckpointError, match=r"\.pth: big-endian checkpoints are not supp"):
+        open_folder(case)
+
+
+def test_a_storage_running_past_the_end_of_the_file_is_refused(corpus, tmp_path):
+    """The storage's local zip header claims a long extra field: its bytes would start (and
+    end) past the end of the file."""
+    case = tmp_path / "case"
+    shutil.copytree(corpus["pth"], case)
+    path = case / "consolidated.00.pth"
+    crafted_pth(path, {"w": tensor()})
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        header = archive.getinfo("consolidated/data/0").header_offset
+    data[header + 28 : header + 30] = struct.pack("<H", 0xFFFF)  # extra field length
+    path.write_bytes(data)
+    with pytest.raises(CheckpointError, match=r"\.pth: storage of w runs past the end of"):
+        open_folder(case)
 
 
 def test_a_pickle_that_would_inflate_to_gigabytes_is_refused_before_reading(corpus, tmp_path):
@@ -238,12 +293,32 @@ def test_a_pickle_that_would_inflate_to_gigabytes_is_refused_before_reading(corp
             load(case)
 
 
+def library_accepts(path: Path) -> bool:
+    try:
+        with safe_open(path, framework="numpy"):
+            return True
+    except SafetensorError:
+        return False
+
+
+def our_verdict(path: Path) -> str:
+    """ "ok", "unsupported" (a valid file of a dtype no release uses) or "refused"."""
+    try:
+        read_safetensors_table(path)
+        return "ok"
+    except CheckpointError as err:
+        return "unsupported" if "unsupported dtype" in str(err) else "refused"
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_mutated_safetensors_files(corpus, tmp_path, seed):
     data = (corpus["st"] / "consolidated.safetensors").read_bytes()
     mutations = safetensors_mutations(data, seed)
     for i, case in mutated_copies(corpus["st"], "consolidated.safetensors", mutations, tmp_path):
         what = f"safetensors mutation {seed}/{i}"
+        weights = case / "consolidated.safetensors"
+        library, ours = library_accepts(weights), our_verdict(weights)
+        assert library == (ours != "refused") or ours == "unsupported", f"{what}: {ours}, {library}"
         assert_only_checkpoint_errors(lambda c=case: open_folder(c), what)
         assert_only_checkpoint_errors(lambda c=case: ReferenceLoader(c), f"{what} (torch)")
         assert_converts_or_fails_cleanly(case, tmp_path, what)

@@ -6,6 +6,8 @@ import pytest
 from faults import CODE_FAULTS, WEIGHT_FAULTS
 from gate_cases import CONFIGS, FAULTY_BLOCKS, SEEDS, Case, cases, prompts, run_case, write_source
 
+pytestmark = pytest.mark.slow  # minutes: `make test-fast` leaves it out
+
 CASES = cases()
 
 

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import random_tokens, tiny_args
+from support import random_tokens, tiny_args
 
 import model_jax
 import reference_torch

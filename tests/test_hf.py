@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import random_tokens, relative_error, tiny_args
+from support import random_tokens, relative_error, tiny_args
 
 import reference_torch
 from checkpoint.args import MoeArgs

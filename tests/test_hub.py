@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import tiny_args
+from support import tiny_args
 
 from checkpoint.folder import open_folder
 from convert.hub import needed_files, tokenizer_file

@@ -8,7 +8,7 @@ import zipfile
 import jax.numpy as jnp
 import pytest
 import torch
-from conftest import BASE, random_tokens, tiny_args
+from support import BASE, random_tokens, tiny_args
 
 import reference_torch
 from checkpoint.errors import CheckpointError

@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from conftest import tiny_args, zeros_getter
+from support import tiny_args
 
 import reference_torch
 from checkpoint.args import MoeArgs
 from checkpoint.presets import PRESETS
 from checkpoint.spec import tensor_spec
-from model_jax.model import Transformer
+from model_jax.loading import skeleton
 from model_jax.moe import route
 from reference_torch.model import FeedForward
 from reference_torch.moe import MoeLayer
@@ -71,8 +71,7 @@ def test_mixtral_8x7b_spec_without_allocating():
         model = reference_torch.Transformer(MIXTRAL)
     assert {k: tuple(p.shape) for k, p in model.state_dict().items()} == spec
 
-    get = zeros_getter(MIXTRAL, jnp.bfloat16)
-    skeleton = jax.eval_shape(lambda: Transformer.load(MIXTRAL, get))
-    w1 = skeleton.layers.feed_forward.experts.w1.weight
+    shapes = skeleton(MIXTRAL, "bfloat16")
+    w1 = shapes.layers.feed_forward.experts.w1.weight
     assert w1.shape == (32, 8, 14336, 4096)
-    assert sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(skeleton)) == 46_702_792_704
+    assert sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(shapes)) == 46_702_792_704

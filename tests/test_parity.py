@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from conftest import random_tokens, relative_error, relative_l2, tiny_args
+from support import random_tokens, relative_error, relative_l2, tiny_args
 
 import reference_torch
 from checkpoint.args import MoeArgs

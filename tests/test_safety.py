@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_args
+from support import tiny_args
 
 from checkpoint.cli import main as tiny_cli
 from convert import convert as convert_module

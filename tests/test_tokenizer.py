@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import tiny_args
+from support import tiny_args
 
 from checkpoint.errors import CheckpointError
 from checkpoint.tiny import write_tiny_checkpoint

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import tiny_args
+from support import tiny_args
 
 import model_jax.model
 from checkpoint.tensors import TensorRecord

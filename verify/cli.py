@@ -11,6 +11,8 @@ import click
 from checkpoint.cli_errors import OneLineErrors
 from checkpoint.errors import CheckpointError
 from checkpoint.tokenizer import Tokenizer
+from convert.progress import Progress
+from model_jax.sharding import make_mesh
 from verify.gates import Thresholds
 from verify.prompts import read_prompts
 from verify.report import check_report_dir, write_report
@@ -84,6 +86,7 @@ def main(
         where = "gpu" if resolve_devices(device)[0] == "cuda" else "cpu"
         report_dir = report_dir or Path("reports") / f"{converted.name}-{dtype}-{where}"
         check_report_dir(report_dir)
+        progress = VerifyProgress()
         prompts = None
         if prompts_file is not None:
             prompts = read_prompts(prompts_file, Tokenizer.from_folder(reference))
@@ -97,9 +100,12 @@ def main(
             stream_layers=stream_layers,
             thresholds=Thresholds.parse(thresholds),
             peer=peer,
-            mesh=mesh,
-            on_step=_progress(),
+            mesh=make_mesh(mesh) if mesh else None,
+            on_step=progress,
         )
+    except KeyboardInterrupt:
+        click.echo("error: interrupted", err=True)
+        sys.exit(130)
     except ChecksumFailure as failure:
         click.echo(f"FAIL: {converted} does not match its manifest and cannot be loaded")
         for problem in [*failure.problems, str(failure.cause)][:20]:
@@ -118,8 +124,21 @@ def main(
     sys.exit(0 if result.passed else 1)
 
 
-def _progress():
-    """Phase messages on stderr when it is a terminal; silent otherwise."""
-    if not sys.stderr.isatty():
-        return None
-    return lambda message: click.echo(f"  {message}", err=True)
+class VerifyProgress:
+    """The phase and the block on a tqdm bar (blocks done of N, ETA); silent off a terminal."""
+
+    def __init__(self):
+        self.bar = Progress("verify", unit="block")
+        self.bar.start(None)
+
+    def __call__(self, message: str) -> None:
+        if message.startswith("teacher-forced: block "):
+            done, total = (int(n) for n in message.split()[-1].split("/"))
+            if self.bar.total != total:
+                self.bar.restart(total)
+                self.bar.phase("teacher-forced")
+            self.bar(1)
+            if done == total:
+                self.bar.finish()
+        else:
+            self.bar.phase(message)

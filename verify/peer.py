@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from checkpoint.dtypes import torch_dtype
 from convert.convert import convert_checkpoint
-from verify.runners import TORCH_DTYPES
 
 
 def hf_peer_outputs(reference: Path, prompts: list[list[int]], device: str):
@@ -26,8 +26,10 @@ def hf_peer_outputs(reference: Path, prompts: list[list[int]], device: str):
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "hf"
         convert_checkpoint(reference, folder, layout="hf")
-        for name, dtype in TORCH_DTYPES.items():
-            model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        for name in ("float32", "bfloat16"):
+            model = transformers.AutoModelForCausalLM.from_pretrained(
+                folder, dtype=torch_dtype(name)
+            )
             model = model.to(device).eval()
             states[name], logits[name] = [], []
             with torch.inference_mode():

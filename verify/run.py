@@ -10,11 +10,11 @@ from pathlib import Path
 import jax
 import numpy as np
 import torch
+from jax.sharding import Mesh
 
 from checkpoint.errors import CheckpointError
 from checkpoint.tokenizer import Tokenizer
 from convert.check import check_converted
-from model_jax.sharding import make_mesh
 from verify.drift import Drift, drift, free_sums, whole_model_states
 from verify.gates import (
     Thresholds,
@@ -73,7 +73,7 @@ def run_verification(
     stream_layers: bool = False,
     thresholds: Thresholds | None = None,
     peer: str | None = None,
-    mesh: str | None = None,
+    mesh: Mesh | None = None,
     on_step: Callable[[str], None] | None = None,
 ) -> Report:
     """Compare the torch reference on `reference` with the JAX port on `converted`.
@@ -83,7 +83,7 @@ def run_verification(
     the free-running states and logits, and greedy generation is compared. With it, every
     model is held one block at a time and generation is skipped. Either way every block's
     pieces are then judged teacher-forced. `peer="hf"` adds HF transformers as a third
-    implementation (informational). `mesh` ("DATAxMODEL") shards the port's weights.
+    implementation (informational). `mesh` (`model_jax.sharding.make_mesh`) shards the port.
     `on_step(message)` is told each phase and block as it starts (progress).
     """
     start = time.perf_counter()
@@ -99,7 +99,7 @@ def run_verification(
     checksum_problems = check_converted(converted)
     ref = TorchRunner(reference, torch_device)
     try:
-        port = JaxRunner(converted, make_mesh(mesh) if mesh else None)
+        port = JaxRunner(converted, mesh)
     except CheckpointError as err:
         if checksum_problems:
             raise ChecksumFailure(checksum_problems, err) from None
@@ -164,7 +164,7 @@ def run_verification(
             "dtype": dtype,
             "stream_layers": stream_layers,
             "peer": peer,
-            "mesh": mesh,
+            "mesh": "x".join(str(n) for n in mesh.shape.values()) if mesh else None,
             "environment": _environment(torch_device, jax_device),
             "seconds": time.perf_counter() - start,
         },

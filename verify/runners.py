@@ -25,8 +25,6 @@ from model_jax.generate import bucket
 from model_jax.loading import PortLoader, skeleton
 from reference_torch.loading import ReferenceLoader
 
-JAX_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 SUBLAYERS = ("attention_norm", "attention", "ffn_norm", "feed_forward")
 PIECES = (*SUBLAYERS, "block")  # "block": the block's own forward on its input
 
@@ -54,13 +52,13 @@ class TorchRunner:
             self._shape_only = reference_torch.Transformer(self.args)
 
     def model(self, dtype: str) -> reference_torch.Transformer:
-        return self.loader.model(dtype=TORCH_DTYPES[dtype], device=self.device)
+        return self.loader.model(dtype=dtype, device=self.device)
 
     def shell(self, dtype: str) -> reference_torch.Transformer:
-        return self.loader.shell(dtype=TORCH_DTYPES[dtype], device=self.device)
+        return self.loader.shell(dtype=dtype, device=self.device)
 
     def block(self, i: int, dtype: str) -> reference_torch.model.TransformerBlock:
-        return self.loader.block(i, dtype=TORCH_DTYPES[dtype], device=self.device)
+        return self.loader.block(i, dtype=dtype, device=self.device)
 
     def _tensor(self, x: np.ndarray, like: torch.nn.Module) -> torch.Tensor:
         dtype = next(like.parameters()).dtype
@@ -136,13 +134,13 @@ class JaxRunner:
         self.args, self.mesh = self.loader.args, mesh
 
     def model(self, dtype: str) -> model_jax.Transformer:
-        return self.loader.model(dtype=JAX_DTYPES[dtype], mesh=self.mesh)
+        return self.loader.model(dtype=dtype, mesh=self.mesh)
 
     def shell(self, dtype: str) -> model_jax.Transformer:
-        return self.loader.shell(dtype=JAX_DTYPES[dtype], mesh=self.mesh)
+        return self.loader.shell(dtype=dtype, mesh=self.mesh)
 
     def block(self, i: int, dtype: str) -> model_jax.model.TransformerBlock:
-        return self.loader.block(i, dtype=JAX_DTYPES[dtype], mesh=self.mesh)
+        return self.loader.block(i, dtype=dtype, mesh=self.mesh)
 
     def _place(self, x: np.ndarray, dtype) -> jax.Array:
         """`x` on the device (replicated over the mesh), its sequence padded at the end to a

@@ -1,4 +1,5 @@
-"""HF sharding conventions: decimal size limits, shards filled in key order, names
+"""Checkpoint files split into shards (device sharding is `model_jax/sharding.py`), by HF's
+conventions: decimal size limits, shards filled in key order, names
 `model-0000i-of-0000N.safetensors` (transformers `modeling_utils.shard_checkpoint`)."""
 
 import re

@@ -1,0 +1,40 @@
+"""Helpers the tests share: tiny configs, random tokens, error measures."""
+
+import dataclasses
+
+import numpy as np
+
+from checkpoint.args import ModelArgs
+
+# Small enough that every config runs in well under a second on two CPU cores.
+BASE = ModelArgs(
+    dim=64,
+    n_layers=2,
+    head_dim=16,
+    hidden_dim=128,
+    n_heads=4,
+    n_kv_heads=2,
+    norm_eps=1e-5,
+    vocab_size=512,
+    sliding_window=None,
+    rope_theta=10000.0,
+)
+
+
+def tiny_args(**changes) -> ModelArgs:
+    return dataclasses.replace(BASE, **changes)
+
+
+def relative_error(actual, expected) -> float:
+    """max |actual − expected| / max |expected|: error relative to the tensor's scale."""
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.abs(actual - expected).max() / np.abs(expected).max())
+
+
+def relative_l2(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    return float(np.linalg.norm(actual - expected) / np.linalg.norm(expected))
+
+
+def random_tokens(n: int, vocab: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, size=n, dtype=np.int32)
