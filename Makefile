@@ -5,13 +5,23 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast lint clean
+.PHONY: setup demo test test-fast gpu-check lint clean
+
+# `make setup GPU=1` (on a machine with an NVIDIA driver): CUDA builds of torch (from
+# TORCH_INDEX) and of JAX (`jax[cuda12]`) instead of the CPU wheels.
+GPU ?=
+TORCH_INDEX ?= https://download.pytorch.org/whl/cu128
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
+ifeq ($(GPU),1)
+	$(BIN)/pip install -q torch==2.13.0 --index-url $(TORCH_INDEX)
+	$(BIN)/pip install -q -e '.[test,gpu]'
+else
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[test]'
+endif
 	touch $@
 
 setup: $(STAMP)
@@ -35,6 +45,12 @@ test: $(STAMP)
 # calibration, README blocks); CI runs `make test`.
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow"
+
+# The prepared GPU check (benchmarks/gpu_check.py): tests, a 7B-shaped checkpoint built on the
+# machine, convert, verify streamed and whole, decode vs the HBM roofline; results in OUT.
+OUT ?= gpu-check
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py $(OUT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -43,6 +43,14 @@ CPU_100M = ModelArgs(
     sliding_window=1024,
 )
 DTYPES = {"float32": (torch.float32, jnp.float32), "bfloat16": (torch.bfloat16, jnp.bfloat16)}
+# HBM bandwidth (bytes/s) by device kind, for the decode roofline: a memory-bound decode step
+# reads every weight once, so it takes at least weight bytes ÷ bandwidth.
+HBM_BANDWIDTH = {"H100": 3.35e12, "H200": 4.8e12}
+
+
+def hbm_bandwidth(device: jax.Device) -> float | None:
+    kind = getattr(device, "device_kind", "")
+    return next((bw for name, bw in HBM_BANDWIDTH.items() if name in kind), None)
 
 
 def timed(fn, repeat: int) -> tuple[float, float, list[list[int]]]:
@@ -58,18 +66,21 @@ def timed(fn, repeat: int) -> tuple[float, float, list[list[int]]]:
     return first, statistics.median(times), result
 
 
-def bench(name, run, prompt_len, new_tokens, repeat) -> dict:
+def bench(name, run, prompt_len, new_tokens, repeat, batch) -> dict:
+    """Tokens per second over the whole batch; decode = the steps after the first token."""
     first_1, prefill_s, _ = timed(lambda: run(1), repeat)
     first_n, total_s, tokens = timed(lambda: run(new_tokens), repeat)
     decode_s = total_s - prefill_s
     return {
         "impl": name,
-        "prefill_tok_s": prompt_len / prefill_s,
-        "decode_tok_s": (new_tokens - 1) / decode_s,
+        "batch": batch,
+        "prefill_tok_s": batch * prompt_len / prefill_s,
+        "decode_tok_s": batch * (new_tokens - 1) / decode_s,
+        "decode_step_ms": 1e3 * decode_s / (new_tokens - 1),
         "prefill_s": prefill_s,
         "decode_s": decode_s,
         "compile_s": max(0.0, first_1 - prefill_s) + max(0.0, first_n - total_s),
-        "tokens": tokens[0],
+        "tokens": tokens,
     }
 
 
@@ -81,6 +92,7 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--folder", type=Path, help="use this checkpoint instead of writing one")
     parser.add_argument("--json", type=Path)
@@ -96,31 +108,38 @@ def main() -> None:
                 write_tiny_checkpoint(folder, CPU_100M)
         torch_dtype, jax_dtype = DTYPES[opts.dtype]
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        prompt = np.random.default_rng(0).integers(3, 32000, opts.prompt_len).tolist()
+        rng = np.random.default_rng(0)
+        prompts = [rng.integers(3, 32000, opts.prompt_len).tolist() for _ in range(opts.batch)]
         rows = []
 
         port = model_jax.load_model(folder, dtype=jax_dtype)
         n_params = sum(x.size for x in jax.tree_util.tree_leaves(port))
 
         def run_jax(n):
-            return model_jax.generate(port, [prompt], max_new_tokens=n, chunk_size=opts.prompt_len)
+            return model_jax.generate(port, prompts, max_new_tokens=n, chunk_size=opts.prompt_len)
 
-        rows.append(bench("jax", run_jax, opts.prompt_len, opts.new_tokens, opts.repeat))
+        measure = (opts.prompt_len, opts.new_tokens, opts.repeat, opts.batch)
+        rows.append(bench("jax", run_jax, *measure))
         weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(port))
         if not opts.skip_torch:
             ref = reference_torch.Transformer.from_folder(folder, dtype=torch_dtype, device=device)
 
             def run_torch(n):
                 return reference_torch.generate(
-                    ref, [prompt], max_new_tokens=n, chunk_size=opts.prompt_len
-                )[0]
+                    ref, prompts, max_new_tokens=n, chunk_size=opts.prompt_len
+                )
 
-            rows.append(bench("torch", run_torch, opts.prompt_len, opts.new_tokens, opts.repeat))
+            rows.append(bench("torch", run_torch, *measure))
 
+    bandwidth = hbm_bandwidth(jax.devices()[0])
+    for row in rows:  # the fraction of the HBM roofline each decode step reaches
+        roofline_ms = 1e3 * weight_bytes / bandwidth if bandwidth else None
+        row["roofline_fraction"] = roofline_ms / row["decode_step_ms"] if bandwidth else None
     table = [{k: v for k, v in r.items() if k != "tokens"} for r in rows]
     print(
         f"{n_params / 1e6:.0f}M parameters, {opts.dtype}, prompt {opts.prompt_len}, "
-        f"{opts.new_tokens} new tokens, jax on {jax.devices()[0].platform}, torch on {device}"
+        f"{opts.new_tokens} new tokens, batch {opts.batch}, "
+        f"jax on {jax.devices()[0].platform}, torch on {device}"
     )
     print(tabulate(table, headers="keys", floatfmt=".3g", tablefmt="github"))
     result = {
@@ -129,7 +148,9 @@ def main() -> None:
         "dtype": opts.dtype,
         "prompt_len": opts.prompt_len,
         "new_tokens": opts.new_tokens,
-        "jax_device": str(jax.devices()[0]),
+        "batch": opts.batch,
+        "hbm_bandwidth": bandwidth,
+        "jax_device": str(getattr(jax.devices()[0], "device_kind", jax.devices()[0])),
         "torch_device": device,
         "machine": platform.platform(),
         "rows": table,

@@ -4,7 +4,11 @@ mode (a port-reader bug fails it); non-finite values fail; prompts come as text,
 bad input exits 2 with one line. The clean/fault table is tests/test_gates.py."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -18,6 +22,7 @@ from checkpoint.tensors import TensorRecord
 from checkpoint.tiny import random_state_dict, write_tiny_checkpoint
 from convert.convert import convert_checkpoint
 from verify.cli import main as verify_cli
+from verify.results import REPORT_FORMAT
 from verify.run import run_verification
 
 ARGS = tiny_args(vocab_size=32000, sliding_window=8, n_layers=4)
@@ -275,3 +280,25 @@ def test_a_corrupted_shard_header_is_a_checksum_failure_exit_1(clean, tmp_path):
     )
     assert result.exit_code == 1, result.output
     assert "does not match its manifest" in result.output and shard.name in result.output
+
+
+@pytest.mark.parametrize(
+    "preset, expected",
+    [({}, "false"), ({"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}, "true")],
+)
+def test_importing_verify_stops_jax_preallocating_unless_the_user_chose(preset, expected):
+    """torch shares the GPU: JAX must not grab 75 % of it at start-up."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("XLA_PYTHON_CLIENT")}
+    code = "import os, verify; print(os.environ['XLA_PYTHON_CLIENT_PREALLOCATE'])"
+    process = subprocess.run(
+        [sys.executable, "-c", code], env=env | preset, capture_output=True, text=True
+    )
+    assert process.stdout.strip() == expected, process.stderr
+
+
+def test_the_committed_demo_report_is_one_verify_may_replace():
+    """`make demo` on a fresh clone rewrites reports/…: verify must recognise them as its own."""
+    reports = sorted((Path(__file__).parents[1] / "reports").glob("*/report.json"))
+    assert reports
+    for path in reports:
+        assert json.loads(path.read_text()).get("format") == REPORT_FORMAT, path

@@ -85,7 +85,7 @@ def markdown(r: Report) -> str:
         f"{sum(p.tokens for p in r.prompts)} prompt tokens in {len(r.prompts)} prompts "
         f"(longest {max(p.tokens for p in r.prompts)}); "
         f"{'streamed one block at a time' if r.stream_layers else 'whole models'}; "
-        f"{r.seconds:.0f} s.",
+        f"{r.seconds:.0f} s{_peak_memory(env)}.",
         "",
         "## Prompts",
         "",
@@ -308,3 +308,9 @@ def plot_drift(r: Report, path: Path) -> None:
     top.set_title(f"Per-layer drift: {r.verdict.upper()}")
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
+
+
+def _peak_memory(env) -> str:
+    peaks = {"torch": env.torch_peak_gpu_bytes, "JAX": env.jax_peak_gpu_bytes}
+    shown = [f"{name} {value / 2**30:.1f} GiB" for name, value in peaks.items() if value]
+    return f"; peak GPU memory {', '.join(shown)}" if shown else ""

@@ -104,6 +104,9 @@ class Environment:
     platform: str
     torch_device: str
     jax_device: str
+    # Peak GPU memory each framework allocated during the run (None on CPU).
+    torch_peak_gpu_bytes: int | None
+    jax_peak_gpu_bytes: int | None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,9 @@
 """`run_verification`: checksums, per-layer drift, logits and generation, judged by gates."""
 
+import gc
 import hashlib
 import importlib.metadata
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -50,6 +52,15 @@ class ChecksumFailure(Exception):
     def __init__(self, problems: list[str], cause: CheckpointError):
         super().__init__(f"{len(problems)} checksum problem(s); loading failed: {cause}")
         self.problems, self.cause = problems, cause
+
+
+def share_the_gpu_with_torch() -> None:
+    """JAX preallocates 75 % of a GPU when its backend starts, leaving torch too little for a
+    reference model: make it allocate on demand instead, unless the user chose
+    (XLA_PYTHON_CLIENT_PREALLOCATE / _MEM_FRACTION). Effective only before JAX's backend
+    starts, so `verify` calls it on import."""
+    if "XLA_PYTHON_CLIENT_MEM_FRACTION" not in os.environ:
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 
 def resolve_devices(device: str) -> tuple[str, jax.Device]:
@@ -190,7 +201,16 @@ def _whole_models(ref, port, prompts, dtype, max_new_tokens, tokenizer, step):
     ):
         step(f"whole model: {'reference' if runner is ref else 'port'} {dtype}")
         whole[stream] = whole_model_states(runner, dtype, prompts, then)
+        _release_gpu_memory()
     return whole, generation[0]
+
+
+def _release_gpu_memory() -> None:
+    """Hand the memory of a phase's dropped model back before the next phase loads one:
+    torch keeps freed blocks cached for itself; JAX frees an array when it is collected."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _judge(
@@ -346,6 +366,12 @@ def _environment(torch_device: str, jax_device: jax.Device) -> Environment:
         platform=platform.platform(),
         torch_device=torch.cuda.get_device_name() if torch_device == "cuda" else "cpu",
         jax_device=str(getattr(jax_device, "device_kind", jax_device)),
+        torch_peak_gpu_bytes=torch.cuda.max_memory_allocated() if torch_device == "cuda" else None,
+        jax_peak_gpu_bytes=(
+            (jax_device.memory_stats() or {}).get("peak_bytes_in_use")
+            if jax_device.platform == "gpu"
+            else None
+        ),
     )
 
 
