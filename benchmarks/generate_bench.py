@@ -97,6 +97,8 @@ def main() -> None:
     parser.add_argument("--folder", type=Path, help="use this checkpoint instead of writing one")
     parser.add_argument("--json", type=Path)
     opts = parser.parse_args()
+    if min(opts.batch, opts.prompt_len, opts.new_tokens - 1, opts.repeat) < 1:
+        parser.error("--batch, --prompt-len and --repeat must be ≥ 1, --new-tokens ≥ 2")
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = opts.folder
