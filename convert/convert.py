@@ -5,6 +5,11 @@ In the JAX layout tensor names stay the official ones; with dtype "keep" every t
 are copied as they are (no decode, no transpose). Output is written into a hidden sibling
 folder that is renamed to `out` only when complete, so an interrupted run never leaves anything
 at `out`.
+
+Every source file is read with plain reads (never mapped), and its identity (device, inode,
+size, modification time) is taken when the source is opened and compared again once everything
+is written: a file truncated, rewritten or replaced meanwhile is a CheckpointError naming it,
+and the partial output is removed.
 """
 
 import dataclasses
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoint.errors import CheckpointError
+from checkpoint.errors import CheckpointError, reading
 from checkpoint.folder import INDEX_NAME
 from checkpoint.hf import hf_config, interleaved_to_halves, rotary_heads, to_hf_name
 from checkpoint.tensors import NUMPY_DTYPES, TensorRecord
@@ -35,8 +40,10 @@ from convert.publish import (
 from convert.safetensors_header import header_bytes
 from convert.shard_files import parse_size, plan_shards, shard_name
 from convert.sources import Source, Transform, open_source
-from convert.stream import CHUNK_BYTES, HashingWriter, SourceEnded
+from convert.stream import CHUNK_BYTES, HashingWriter, SourceEnded, read_exactly
 
+# "keep" (copy every tensor as it is), or a name of the one dtype vocabulary
+# (checkpoint.dtypes.DTYPE_NAMES, not imported: it would load torch into every conversion).
 TARGET_DTYPES = {"keep": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 LAYOUTS = ("official", "hf")
 
@@ -50,6 +57,45 @@ class ConvertSummary:
     bytes_written: int
     seconds: float
     notes: tuple[str, ...] = ()  # leftovers of earlier runs it could not attribute
+
+
+class SourceWatch:
+    """Each source file's identity when the conversion started, checked again at the end: one
+    truncated, rewritten or replaced meanwhile (the copy would mix two versions, or the params
+    read would not be the ones written) is a CheckpointError naming it."""
+
+    def __init__(self, paths: list[Path]):
+        self.seen = {}
+        for path in dict.fromkeys(paths):
+            with reading(path):
+                self.seen[path] = os.stat(path)
+
+    def check_opened(self, path: Path, fd: int) -> None:
+        """The file just opened is the one whose table was read."""
+        self._compare(path, os.fstat(fd), replaced="replaced after its header was read")
+
+    def check_unchanged(self, fds: dict[Path, int]) -> None:
+        for path in self.seen:
+            if path in fds:  # the file read from: not cut or rewritten in place
+                self._compare(path, os.fstat(fds[path]), replaced="replaced while being read")
+            try:
+                with reading(path):
+                    now = os.stat(path)
+            except CheckpointError:
+                raise CheckpointError(path, "removed or unreadable since the start") from None
+            self._compare(path, now, replaced="replaced while being read")
+
+    def _compare(self, path: Path, now: os.stat_result, *, replaced: str) -> None:
+        before = self.seen[path]
+        if (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+            raise CheckpointError(path, f"{replaced} (another file is at its path now)")
+        if now.st_size != before.st_size:
+            raise CheckpointError(
+                path,
+                f"changed while being read (size {before.st_size} bytes, now {now.st_size})",
+            )
+        if now.st_mtime_ns != before.st_mtime_ns:
+            raise CheckpointError(path, "changed while being read (modified since the start)")
 
 
 def convert_checkpoint(
@@ -104,6 +150,7 @@ def _convert(
     checkpoint = open_source(src)
     tokenizer = Tokenizer.from_folder(src)
     tokenizer.check_vocab(checkpoint.args.vocab_size, _params_file(src, checkpoint.layout))
+    watch = SourceWatch([*checkpoint.weights, _params_file(src, checkpoint.layout), tokenizer.path])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with output_lock(out):
@@ -114,7 +161,7 @@ def _convert(
         progress.start(sum(_out_nbytes(r, target) for r in checkpoint.tensors.values()))
         try:
             files, shards = _write_folder(
-                checkpoint, tokenizer.path, partial, target, max_bytes, layout, progress
+                checkpoint, tokenizer.path, partial, target, max_bytes, layout, progress, watch
             )
             source = origin | {
                 "layout": checkpoint.layout,
@@ -192,8 +239,10 @@ def _write_folder(
     max_bytes: int,
     layout: str,
     progress: Progress,
+    watch: SourceWatch,
 ) -> tuple[dict[str, dict], int]:
-    """Write shards, index and the small files; return {file: {sha256, bytes}}, shard count."""
+    """Write shards, index and the small files; return {file: {sha256, bytes}}, shard count.
+    CheckpointError naming a source file that changed while it was read."""
     planned = {p.name: p for p in _plan(checkpoint, layout)}
     plan = plan_shards({k: _out_nbytes(p.record, target) for k, p in planned.items()}, max_bytes)
     files: dict[str, dict] = {}
@@ -202,19 +251,21 @@ def _write_folder(
         fds = {}
         for path in checkpoint.weights:
             fds[path] = os.open(path, os.O_RDONLY)
+            stack.callback(os.close, fds[path])
+            watch.check_opened(path, fds[path])
             if hasattr(os, "posix_fadvise"):  # Linux: as cp, ask for more readahead
                 os.posix_fadvise(fds[path], 0, 0, os.POSIX_FADV_SEQUENTIAL)
-            stack.callback(os.close, fds[path])
         for i, names in enumerate(plan):
             name = shard_name(i, len(plan))
             files[name] = _write_shard(
                 folder / name, [planned[n] for n in names], fds, target, progress
             )
             weight_map |= dict.fromkeys(names, name)
+        small = _write_small_files(checkpoint, tokenizer, folder, target, layout)
+        watch.check_unchanged(fds)  # what was copied is what the run started from
     total = sum(_out_nbytes(p.record, target) for p in planned.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-    small = _write_small_files(checkpoint, tokenizer, folder, target, layout)
     for name in (INDEX_NAME, *small):
         files[name] = {
             "sha256": sha256_file(folder / name),
@@ -262,16 +313,14 @@ def _write_shard(
             record = p.record
             try:
                 if p.transform is not None:
-                    array = _cast(p.transform(record.read()), record, target)
+                    array = _cast(p.transform(_read(fds[record.path], record)), record, target)
                     writer.write(np.ascontiguousarray(array).tobytes())
                 elif _out_dtype(record, target) == record.dtype:
                     writer.copy_from(fds[record.path], record.offset, record.nbytes)
                 else:
                     _write_cast(writer, fds[record.path], record, target)
             except SourceEnded as err:
-                raise CheckpointError(
-                    record.path, f"{err} (truncated or changed while being read)"
-                ) from None
+                raise CheckpointError(record.path, str(err)) from None
     except BaseException:
         writer.abort()
         raise
@@ -285,10 +334,16 @@ def _write_cast(writer: HashingWriter, fd: int, record: TensorRecord, target: st
     numel = record.nbytes // src.itemsize
     for first in range(0, numel, step):
         count = min(step, numel - first)
-        raw = os.pread(fd, count * src.itemsize, record.offset + first * src.itemsize)
-        if len(raw) != count * src.itemsize:
-            raise SourceEnded(f"ended inside tensor {record.name}")
-        writer.write(_cast(np.frombuffer(raw, src), record, target).tobytes())
+        values = np.empty(count, src)
+        read_exactly(fd, memoryview(values.view(np.uint8)), record.offset + first * src.itemsize)
+        writer.write(_cast(values, record, target).tobytes())
+
+
+def _read(fd: int, record: TensorRecord) -> np.ndarray:
+    """The whole tensor, read (not mapped) from the open file `fd`; SourceEnded if it ends."""
+    values = np.empty(record.shape, NUMPY_DTYPES[record.dtype])
+    read_exactly(fd, memoryview(values.reshape(-1).view(np.uint8)), record.offset)
+    return values
 
 
 def _cast(values: np.ndarray, record: TensorRecord, target: str | None) -> np.ndarray:

@@ -2,9 +2,17 @@
 
 Bytes move with `os.copy_file_range` (an in-kernel copy, as coreutils `cp` does) where the
 platform allows, else through `os.preadv` + write via reused buffers. SHA-256 runs on a worker
-thread (hashlib releases the GIL) that reads each copied range back from the page cache through
-a short-lived mapping, so hashing overlaps the copy on the other core and costs no extra copy;
-mappings are closed at once, so resident memory stays at a few chunks whatever the file size.
+thread (hashlib releases the GIL), so hashing overlaps the copy on the other core:
+
+- after an in-kernel copy it reads the bytes just written back from *this* file's page cache
+  through a short-lived read-only mapping (no extra copy); mappings are closed at once, so
+  resident memory stays at a few chunks whatever the file size;
+- after a buffered copy it hashes the buffer the bytes were read into.
+
+The source is never memory-mapped: a mapped page past the end of a file that someone truncates
+meanwhile kills the process with SIGBUS, whereas a read or copy of it returns a short count,
+which becomes `SourceEnded` (and the caller's one-line error naming the file). What is hashed
+is what was written, so the digest always describes the output.
 """
 
 import collections
@@ -21,14 +29,31 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP}
 
 
 class SourceEnded(Exception):
-    """The file being copied from ended before the range asked for (truncated meanwhile)."""
+    """The file being copied from ended inside the range asked for (truncated meanwhile)."""
+
+    def __init__(self, expected: int, offset: int, got: int):
+        self.expected, self.offset, self.got = expected, offset, got
+        super().__init__(
+            f"changed while being read (expected {expected} bytes at offset {offset}, got {got})"
+        )
+
+
+def read_exactly(fd: int, buffer: memoryview, offset: int) -> None:
+    """Fill `buffer` from `offset` of the open file `fd`; SourceEnded if the file ends first."""
+    done = 0
+    while done < len(buffer):
+        got = os.preadv(fd, [buffer[done:]], offset + done)
+        if got <= 0:
+            raise SourceEnded(len(buffer), offset, done)
+        done += got
 
 
 class HashingWriter:
     """Sequential writer of one file that also yields its SHA-256 and size."""
 
     def __init__(self, path, on_bytes: Callable[[int], None] | None = None):
-        self._file = open(path, "wb", buffering=0)  # noqa: SIM115 (closed in close())
+        # Readable too: the hashing thread maps back what the in-kernel copy wrote.
+        self._file = open(path, "w+b", buffering=0)  # noqa: SIM115 (closed in close())
         self._sha = hashlib.sha256()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self._pending: collections.deque = collections.deque()
@@ -46,17 +71,18 @@ class HashingWriter:
         self._advance(len(data))
 
     def copy_from(self, fd: int, offset: int, nbytes: int) -> None:
-        """Copy `nbytes` at `offset` of the open file `fd` to the end of this file."""
-        end = offset + nbytes
-        while offset < end:
-            count = min(CHUNK_BYTES, end - offset)
+        """Copy `nbytes` at `offset` of the open file `fd` to the end of this file;
+        SourceEnded if `fd` ends before `offset + nbytes`."""
+        done = 0
+        while done < nbytes:
+            count = min(CHUNK_BYTES, nbytes - done)
             self._drain(IN_FLIGHT - 1)
-            got = self._copy_in_kernel(fd, offset, count) if self._kernel_copy else 0
-            if got:
-                self._pending.append(self._pool.submit(self._hash_mapped, fd, offset, got))
-            else:  # no kernel copy on this platform or file system: go through a buffer
-                got = self._copy_buffered(fd, offset, count)
-            offset += got
+            got = self._copy_in_kernel(fd, offset + done, count) if self._kernel_copy else None
+            if got is None:  # no kernel copy on this platform or file system: via a buffer
+                got = self._copy_buffered(fd, offset + done, count)
+            if got <= 0:
+                raise SourceEnded(nbytes, offset, done)
+            done += got
             self._advance(got)
 
     def close(self) -> str:
@@ -70,16 +96,17 @@ class HashingWriter:
         self._pool.shutdown(cancel_futures=True)
         self._file.close()
 
-    def _copy_in_kernel(self, fd: int, offset: int, count: int) -> int:
+    def _copy_in_kernel(self, fd: int, offset: int, count: int) -> int | None:
+        """Bytes copied (0: the source ends at `offset`); None: no kernel copy here."""
         try:
             got = os.copy_file_range(fd, self._file.fileno(), count, offset)
         except OSError as err:
             if err.errno not in _NO_KERNEL_COPY:
                 raise
             self._kernel_copy = False
-            return 0
-        if got <= 0:
-            raise SourceEnded(f"ended at byte {offset}, before the range to copy")
+            return None
+        if got > 0:
+            self._pending.append(self._pool.submit(self._hash_written, self.size, got))
         return got
 
     def _copy_buffered(self, fd: int, offset: int, count: int) -> int:
@@ -87,19 +114,21 @@ class HashingWriter:
         self._next_buffer = (self._next_buffer + 1) % len(self._buffers)
         view = memoryview(buffer)[:count]
         got = os.preadv(fd, [view], offset)
-        if got <= 0:
-            raise SourceEnded(f"ended at byte {offset}, before the range to copy")
-        self._write_all(view[:got])
-        self._pending.append(self._pool.submit(self._sha.update, view[:got]))
+        if got > 0:
+            self._write_all(view[:got])
+            self._pending.append(self._pool.submit(self._sha.update, view[:got]))
         return got
 
-    def _hash_mapped(self, fd: int, offset: int, count: int) -> None:
-        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+    def _hash_written(self, position: int, count: int) -> None:
+        """Hash `count` bytes of this file at `position` (written, so never past its end)."""
+        start = position - position % mmap.ALLOCATIONGRANULARITY
         with (
-            mmap.mmap(fd, offset + count - start, offset=start, access=mmap.ACCESS_READ) as m,
+            mmap.mmap(
+                self._file.fileno(), position + count - start, offset=start, access=mmap.ACCESS_READ
+            ) as m,
             memoryview(m) as view,
         ):
-            self._sha.update(view[offset - start :])
+            self._sha.update(view[position - start :])
 
     def _write_all(self, view: memoryview) -> None:
         while view:

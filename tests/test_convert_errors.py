@@ -245,5 +245,101 @@ def test_a_source_truncated_during_the_run_names_the_source(src, tmp_path, monke
         return real(self, fd, offset, nbytes)
 
     monkeypatch.setattr(stream.HashingWriter, "copy_from", truncate_then_copy)
-    message = convert_fails(src, tmp_path / "out", expect="consolidated.00.pth: ended at byte")
-    assert "truncated or changed while being read" in message
+    message = convert_fails(src, tmp_path / "out", expect="consolidated.00.pth: changed while")
+    assert "being read (expected " in message and "bytes at offset" in message
+
+
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "buffered"])
+def test_the_writer_reports_a_source_that_ends_early(tmp_path, kernel_copy):
+    source = tmp_path / "source.bin"
+    source.write_bytes(bytes(5000))
+    writer = stream.HashingWriter(tmp_path / "out.bin")
+    writer._kernel_copy = kernel_copy
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        with pytest.raises(stream.SourceEnded) as ended:
+            writer.copy_from(fd, 1000, 6000)
+    finally:
+        writer.abort()
+        os.close(fd)
+    expected = "changed while being read (expected 6000 bytes at offset 1000, got 4000)"
+    assert str(ended.value) == expected
+
+
+# The real command in a child that stops when it starts hashing the first tensor — the moment a
+# mapping of the source (as the copy path once used) would be live — until the test has changed
+# the source; a page of a mapped file cut meanwhile killed the process with SIGBUS (exit -7),
+# leaving its hidden partial folder and lock behind.
+PAUSED_CONVERT = """
+import hashlib, sys
+from convert import stream
+
+class PausingSha:
+    paused = False
+
+    def __init__(self):
+        self._sha = hashlib.sha256()
+
+    def update(self, data):
+        if len(data) >= 2**20 and not PausingSha.paused:
+            PausingSha.paused = True
+            print("hashing", flush=True)
+            sys.stdin.readline()
+        self._sha.update(data)
+
+    def hexdigest(self):
+        return self._sha.hexdigest()
+
+class Hashlib:
+    sha256 = PausingSha
+
+stream.hashlib = Hashlib
+from convert.cli import main
+main(sys.argv[1:])
+"""
+
+
+def _truncate(path):
+    os.truncate(path, 2**20)  # inside the first tensor (the embedding table, 4 MB)
+
+
+def _replace(path):
+    shutil.copyfile(path, path.with_name("new"))
+    os.replace(path.with_name("new"), path)  # same bytes, another file
+
+
+def _rewrite(path):
+    with open(path, "r+b") as f:  # same size, new bytes at the end
+        f.seek(-16, os.SEEK_END)
+        f.write(b"x" * 16)
+
+
+@pytest.mark.parametrize(
+    ("change", "expect"),
+    [
+        (_truncate, "changed while being read (expected "),
+        (_replace, "replaced while being read"),
+        (_rewrite, "changed while being read (modified since the start)"),
+    ],
+    ids=["truncated", "replaced", "rewritten"],
+)
+def test_a_source_changed_mid_run_is_one_line_and_leaves_nothing(src, tmp_path, change, expect):
+    out = tmp_path / "out"
+    child = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_CONVERT, str(src), str(out)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert child.stdout.readline().strip() == "hashing", child.stderr.read()
+        change(src / "consolidated.00.pth")
+        _, errors = child.communicate("go\n", timeout=60)
+    finally:
+        child.kill()
+    assert child.returncode == 2, (child.returncode, errors)
+    lines = errors.strip().splitlines()
+    assert len(lines) == 1 and f"{src / 'consolidated.00.pth'}: {expect}" in lines[0], errors
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no partial, no lock
