@@ -1,15 +1,18 @@
 """`mistral-tiny OUT`: write a seeded random checkpoint in the official format."""
 
+import json
+import math
 import sys
 from pathlib import Path
 
 import click
 
 from checkpoint.args import ModelArgs
-from checkpoint.cli_errors import OneLineErrors
+from checkpoint.cli_errors import OneLineErrors, json_option, refuse_unused, refuse_without
 from checkpoint.errors import CheckpointError
 from checkpoint.presets import PRESETS, preset
 from checkpoint.safe_files import new_folder
+from checkpoint.spec import tensor_spec
 from checkpoint.synthetic import write_synthetic_checkpoint
 from checkpoint.tiny import TINY_ARGS, WEIGHTS_FORMATS, check_tiny_size, write_tiny_checkpoint
 from checkpoint.trained_like import trained_like_state_dict
@@ -29,7 +32,9 @@ from checkpoint.trained_like import trained_like_state_dict
     type=click.Choice(list(PRESETS)),
     help="A full-size published shape (written tensor by tensor, bounded memory).",
 )
-@click.option("--n-layers", type=int, help="With --preset: keep only this many blocks.")
+@click.option(
+    "--n-layers", type=click.IntRange(1), help="With --preset: keep only this many blocks."
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--format",
@@ -46,13 +51,28 @@ from checkpoint.trained_like import trained_like_state_dict
     help="trained-like: massive activations at the first token and attention sinks, as "
     "trained models have (checkpoint/trained_like.py); not with --preset.",
 )
-def main(out, params_path, preset_name, n_layers, seed, weights_format, weights) -> None:
+@json_option("Print a JSON summary (folder, files, parameter count) on stdout.")
+@click.pass_context
+def main(
+    ctx, out, params_path, preset_name, n_layers, seed, weights_format, weights, as_json
+) -> None:
     """Write params.json, bf16 consolidated weights and a tokenizer into OUT (a new or empty
-    folder; it appears only when complete)."""
+    folder; it appears only when complete). --preset writes a full-size published shape as
+    consolidated.00.pth (random values; --n-layers cuts it); without it, the embedded tiny
+    config or --params, in --format, with --weights."""
+    if preset_name:
+        refuse_unused(
+            ctx,
+            ["params_path", "weights_format", "weights"],
+            mode="--preset",
+            reason="a preset fixes the shape and writes random bf16 consolidated.00.pth",
+        )
+    else:
+        refuse_without(
+            ctx, ["n_layers"], needed="--preset", reason="it cuts a preset to its first blocks"
+        )
     try:
         if preset_name:
-            if weights != "random":
-                raise ValueError("--weights trained-like is for tiny configs, not --preset")
             args = preset(preset_name, n_layers=n_layers)
         else:
             args = ModelArgs.from_json(params_path) if params_path else TINY_ARGS
@@ -69,4 +89,13 @@ def main(out, params_path, preset_name, n_layers, seed, weights_format, weights)
     except (CheckpointError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
-    click.echo(str(out))
+    if as_json:
+        files = {p.name: p.stat().st_size for p in sorted(Path(out).iterdir())}
+        summary = {"folder": str(out), "files": files, "parameters": _parameters(args)}
+        click.echo(json.dumps(summary))
+    else:
+        click.echo(str(out))
+
+
+def _parameters(args: ModelArgs) -> int:
+    return sum(math.prod(shape) for shape in tensor_spec(args).values())

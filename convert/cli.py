@@ -8,10 +8,10 @@ import sys
 
 import click
 
-from checkpoint.cli_errors import OneLineErrors
+from checkpoint.cli_errors import OneLineErrors, dtype_option, json_option, refuse_unused
 from checkpoint.errors import CheckpointError
 from convert.check import check_converted
-from convert.convert import TARGET_DTYPES, convert_checkpoint
+from convert.convert import LAYOUTS, TARGET_DTYPES, convert_checkpoint
 from convert.progress import Progress
 
 
@@ -28,28 +28,29 @@ def _fail(message: str) -> None:
     show_default=True,
     help="Largest shard (decimal units as HF: 5GB = 5e9 bytes; GiB for binary).",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(list(TARGET_DTYPES)),
-    default="keep",
-    show_default=True,
-    help="keep: byte-identical copy of every tensor.",
-)
+@dtype_option(TARGET_DTYPES, "keep", help="keep: byte-identical copy of every tensor.")
 @click.option(
     "--format",
     "layout",
-    type=click.Choice(["official", "hf"]),
+    type=click.Choice(LAYOUTS),
     default="official",
     show_default=True,
     help="hf: transformers layout (HF names, config.json, wq/wk permuted).",
 )
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--check", "check", is_flag=True, help="Verify OUT against its manifest.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def main(paths, max_shard_size, dtype, layout, overwrite, check, as_json) -> None:
+@json_option("Print a JSON summary on stdout.")
+@click.pass_context
+def main(ctx, paths, max_shard_size, dtype, layout, overwrite, check, as_json) -> None:
     """Convert a Mistral checkpoint folder SRC (official, or HF transformers) into sharded
     safetensors in OUT."""
     if check:
+        refuse_unused(
+            ctx,
+            ["max_shard_size", "dtype", "layout", "overwrite"],
+            mode="--check",
+            reason="--check converts nothing: it re-verifies OUT against its manifest",
+        )
         if len(paths) != 1:
             _fail("--check takes exactly one folder: mistral-convert --check OUT")
         problems = check_converted(paths[0])

@@ -1,20 +1,26 @@
 """`mistral-generate FOLDER --prompt TEXT ...`: generate with the JAX model, printing text as
 it is produced."""
 
+import json
 import sys
 
 import click
 import jax
 
-from checkpoint.cli_errors import OneLineErrors
+from checkpoint.cli_errors import (
+    OneLineErrors,
+    dtype_option,
+    json_option,
+    max_new_tokens_option,
+    mesh_option,
+    refuse_without,
+)
 from checkpoint.dtypes import DTYPE_NAMES
 from checkpoint.errors import CheckpointError
 from checkpoint.tokenizer import Tokenizer
 from model_jax.generate import generate
 from model_jax.loading import load_model
 from model_jax.sharding import make_mesh
-
-MAX_NEW_TOKENS = 32768
 
 
 class TextStreamer:
@@ -35,9 +41,7 @@ class TextStreamer:
 @click.command(cls=OneLineErrors)
 @click.argument("folder", type=click.Path(path_type=str))
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Repeat for more.")
-@click.option(
-    "--max-new-tokens", type=click.IntRange(1, MAX_NEW_TOKENS), default=64, show_default=True
-)
+@max_new_tokens_option()
 @click.option(
     "--max-prompt-tokens",
     type=click.IntRange(1),
@@ -50,19 +54,25 @@ class TextStreamer:
     type=click.FloatRange(0, 100),
     default=0.0,
     show_default=True,
-    help="0: greedy.",
+    help="0: greedy (then --top-p, --top-k and --seed do not apply).",
 )
 @click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=1.0, show_default=True)
 @click.option("--top-k", type=click.IntRange(0), default=0, show_default=True, help="0: off.")
 @click.option("--seed", default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(DTYPE_NAMES), default="bfloat16", show_default=True)
-@click.option("--mesh", "mesh_spec", help="Shard over DATAxMODEL devices, e.g. 1x8.")
+@dtype_option(DTYPE_NAMES, "bfloat16")
+@mesh_option()
 @click.option(
     "--chat",
     is_flag=True,
     help="Each prompt is a user message, rendered with the folder's instruct tokenizer.",
 )
+@json_option(
+    "Print one JSON object on stdout when done (each prompt's text, ids and completion) "
+    "instead of streaming the text."
+)
+@click.pass_context
 def main(
+    ctx,
     folder,
     prompts,
     max_new_tokens,
@@ -72,14 +82,21 @@ def main(
     top_k,
     seed,
     dtype,
-    mesh_spec,
+    mesh,
     chat,
+    as_json,
 ) -> None:
     """Continue each PROMPT with the model in FOLDER (official or converted)."""
+    if temperature == 0:
+        refuse_without(
+            ctx,
+            ["top_p", "top_k", "seed"],
+            needed="--temperature above 0",
+            reason="greedy decoding would ignore it",
+        )
     try:
         tokenizer = Tokenizer.from_folder(folder)
-        mesh = make_mesh(mesh_spec) if mesh_spec else None
-        model = load_model(folder, dtype=dtype, mesh=mesh)
+        model = load_model(folder, dtype=dtype, mesh=make_mesh(mesh) if mesh else None)
         tokenizer.check_vocab(model.args.vocab_size, f"{folder}/params.json")
         encoded = [
             tokenizer.encode_chat([{"role": "user", "content": p}]) if chat else tokenizer.encode(p)
@@ -95,10 +112,12 @@ def main(
         click.echo(f"error: {err}", err=True)
         sys.exit(2)
     key = jax.random.key(seed)
+    results = []
     for i, text in enumerate(prompts):
-        click.echo(f"--- prompt {i + 1}")
-        click.echo(text, nl=False)
-        generate(
+        if not as_json:
+            click.echo(f"--- prompt {i + 1}")
+            click.echo(text, nl=False)
+        new_ids = generate(
             model,
             [encoded[i]],
             max_new_tokens=max_new_tokens,
@@ -107,6 +126,18 @@ def main(
             top_k=top_k,
             key=jax.random.fold_in(key, i),
             eos_id=tokenizer.eos_id,
-            on_step=TextStreamer(tokenizer),
-        )
-        click.echo()
+            on_step=None if as_json else TextStreamer(tokenizer),
+        )[0]
+        if as_json:
+            results.append(
+                {
+                    "prompt": text,
+                    "prompt_ids": list(encoded[i]),
+                    "new_ids": [int(t) for t in new_ids],
+                    "completion": tokenizer.decode(new_ids),
+                }
+            )
+        else:
+            click.echo()
+    if as_json:
+        click.echo(json.dumps({"folder": folder, "dtype": dtype, "results": results}))

@@ -3,12 +3,20 @@
 Exit code 0: pass; 1: parity (or checksum) failure; 2: bad input or usage.
 """
 
+import json
 import sys
 from pathlib import Path
 
 import click
 
-from checkpoint.cli_errors import OneLineErrors
+from checkpoint.cli_errors import (
+    OneLineErrors,
+    dtype_option,
+    json_option,
+    max_new_tokens_option,
+    mesh_option,
+)
+from checkpoint.dtypes import DTYPE_NAMES
 from checkpoint.errors import CheckpointError
 from checkpoint.tokenizer import Tokenizer
 from convert.progress import Progress
@@ -18,23 +26,25 @@ from verify.prompts import read_prompts
 from verify.report import check_report_dir, write_report
 from verify.run import ChecksumFailure, resolve_devices, run_verification
 
+# verify runs the reference in bf16 or fp32 only (its truth is fp32); names as everywhere else
+VERIFY_DTYPES = tuple(name for name in DTYPE_NAMES if name in ("bfloat16", "float32"))
+
 
 @click.command(cls=OneLineErrors)
+@click.argument("folders", nargs=-1, type=click.Path(path_type=Path), metavar="REFERENCE CONVERTED")
 @click.option(
     "--reference",
-    required=True,
     type=click.Path(path_type=Path),
-    help="Official checkpoint folder (run by the torch reference).",
+    help="Same as the REFERENCE argument: the official checkpoint folder (run by the torch "
+    "reference).",
 )
 @click.option(
     "--converted",
-    required=True,
     type=click.Path(path_type=Path),
-    help="mistral-convert output folder (run by the JAX model).",
+    help="Same as the CONVERTED argument: the mistral-convert output folder (run by the JAX "
+    "model).",
 )
-@click.option(
-    "--dtype", type=click.Choice(["bfloat16", "float32"]), default="bfloat16", show_default=True
-)
+@dtype_option(VERIFY_DTYPES, "bfloat16")
 @click.option(
     "--device", type=click.Choice(["auto", "cpu", "gpu"]), default="auto", show_default=True
 )
@@ -45,7 +55,7 @@ from verify.run import ChecksumFailure, resolve_devices, run_verification
     help='One prompt per line, or JSONL lines {"text": ...} / {"tokens": [...]} / '
     '{"messages": [...]} (default: the built-in set).',
 )
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
+@max_new_tokens_option()
 @click.option(
     "--report-dir",
     type=click.Path(path_type=Path),
@@ -62,9 +72,10 @@ from verify.run import ChecksumFailure, resolve_devices, run_verification
     type=click.Choice(["hf"]),
     help="Add HF transformers as a third implementation (needs transformers).",
 )
-@click.option("--mesh", help="Shard the JAX model over DATAxMODEL devices, e.g. 1x8.")
-@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout.")
+@mesh_option()
+@json_option("Print report.json on stdout.")
 def main(
+    folders,
     reference,
     converted,
     dtype,
@@ -78,7 +89,9 @@ def main(
     mesh,
     as_json,
 ) -> None:
-    """Compare the torch reference on REFERENCE with the JAX model on CONVERTED."""
+    """Compare the torch reference on the official folder REFERENCE with the JAX model on the
+    converted folder CONVERTED (also accepted as --reference/--converted)."""
+    reference, converted = _folders(folders, reference, converted)
     try:
         for folder in (reference, converted):
             if not folder.is_dir():
@@ -107,9 +120,14 @@ def main(
         click.echo("error: interrupted", err=True)
         sys.exit(130)
     except ChecksumFailure as failure:
-        click.echo(f"FAIL: {converted} does not match its manifest and cannot be loaded")
-        for problem in [*failure.problems, str(failure.cause)][:20]:
-            click.echo(f"  {problem}")
+        problems = [*failure.problems, str(failure.cause)]
+        summary = f"{converted} does not match its manifest and cannot be loaded"
+        if as_json:
+            click.echo(json.dumps({"verdict": "fail", "reasons": [summary, *problems]}))
+        else:
+            click.echo(f"FAIL: {summary}")
+            for problem in problems[:20]:
+                click.echo(f"  {problem}")
         sys.exit(1)
     except (CheckpointError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
@@ -122,6 +140,23 @@ def main(
         for reason in result.reasons[:20]:
             click.echo(f"  {reason}")
     sys.exit(0 if result.passed else 1)
+
+
+def _folders(positional, reference, converted) -> tuple[Path, Path]:
+    """REFERENCE and CONVERTED, given either as the two arguments or as the two options."""
+    if reference is None and converted is None:
+        if len(positional) != 2:
+            raise click.UsageError(
+                f"expected REFERENCE and CONVERTED, got {len(positional)} folder(s): "
+                "mistral-verify REFERENCE CONVERTED"
+            )
+        return positional[0], positional[1]
+    if positional or reference is None or converted is None:
+        raise click.UsageError(
+            "give the folders either as arguments (mistral-verify REFERENCE CONVERTED) or as "
+            "--reference and --converted, not a mix"
+        )
+    return reference, converted
 
 
 class VerifyProgress:
