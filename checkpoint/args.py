@@ -112,6 +112,13 @@ class ModelArgs:
         return windows[:period]
 
     @property
+    def layer_groups(self) -> tuple[tuple[int, ...], ...]:
+        """The layers each step of the forward's scan runs: consecutive runs of one
+        `window_pattern` period (one layer each when every layer has the same window)."""
+        period = len(self.window_pattern)
+        return tuple(tuple(range(g, g + period)) for g in range(0, self.n_layers, period))
+
+    @property
     def shortest_window(self) -> int | None:
         """The smallest window of any layer (None: every layer attends over everything)."""
         return min((w for w in self.layer_windows if w is not None), default=None)
@@ -199,6 +206,12 @@ def _check_windows(window, n_layers: int) -> None:
         raise ValueError(
             f"sliding_window has {len(window)} entries, which does not divide n_layers ({n_layers})"
         )
+
+
+def cache_slots(window: int | None, capacity: int) -> int:
+    """KV-cache slots a layer with this window needs for sequences of up to `capacity` tokens
+    (mistral-inference `get_cache_sizes`): W for a window of W keys, else the capacity."""
+    return min(capacity, window) if window else capacity
 
 
 # Far above every release (Large 2: dim 12288, 88 layers, vocab 131072), far below what would

@@ -17,6 +17,13 @@ init of `checkpoint.tiny`, with or without BOS, from the position alone:
 - blocks ≥ 2, attention: the slowest RoPE pair of every query reads C0 and of every key reads
   MASSIVE[0], so every query attends strongly to the first token (its value reads nothing from
   the massive channels: a sink, as in trained models).
+- delimiters ("." "," and newline of the bundled tokenizer): their embedding carries a marker
+  channel; block 1's FFN writes ≈ 600 into a channel of their own there (massive activations on
+  the first delimiter tokens, as in trained models), and a late block's FFN erases it again
+  (`erasing_block`), leaving a remainder of a few percent: a catastrophic cancellation that
+  two bf16 implementations round apart on that one token.
+- `flat=True`: an output head of small scale, so next-token distributions are flat and top-1
+  choices are near-ties (what a base model on ordinary text looks like).
 
 The random parts of every block never write the reserved channels, so the mechanism is exact.
 """
@@ -34,6 +41,12 @@ EMBEDDING_C0 = 2.0
 MASSIVE_GAIN = 100.0  # total w2 weight of the firing units; each outputs ≈ 5 at the first token
 FIRING = 8  # block-1 units that write the massive channels
 SINK_GAIN = 2.5  # q and k weight of the slowest RoPE pair (score bonus ≈ 8 on the first token)
+EMBEDDING_DELIMITER = 2.0  # the marker channel of delimiter tokens
+ERASED_REMAINDER = 0.05  # the erasing block leaves this fraction of the delimiter's activation
+FLAT_LOGIT_STD = 1.0  # `flat`: logits of std 1 (peaked models: 8)
+DELIMITERS = (".", ",", "\n")
+# The short prompt whose delimiter (token 2, after BOS) the eraser is calibrated on.
+CALIBRATION_TEXT = "Yes. The capital of France is"
 
 
 def d_channels(args: ModelArgs) -> int:
@@ -51,32 +64,67 @@ def check_supported(args: ModelArgs) -> None:
         )
 
 
-def trained_like_state_dict(args: ModelArgs, *, seed: int = 0) -> dict[str, torch.Tensor]:
+def delimiter_channels(args: ModelArgs) -> tuple[int, int]:
+    """(marker, massive) channels of delimiter tokens, after the D channels."""
+    first = D_START + d_channels(args)
+    return first, first + 1
+
+
+def erasing_block(args: ModelArgs) -> int:
+    """The late block whose FFN erases the delimiters' massive activation."""
+    return max(2, args.n_layers - 2)
+
+
+def delimiter_ids(vocab_size: int) -> list[int]:
+    """Ids of ".", "," and newline in the bundled tokenizer of this vocabulary (none without
+    one)."""
+    from checkpoint.tiny import bundled_tokenizer
+    from checkpoint.tokenizer import Tokenizer
+
+    try:
+        tokenizer = Tokenizer(bundled_tokenizer(vocab_size))
+    except ValueError:
+        return []
+    ids = tokenizer.encode("a. b, c\nd", bos=False)
+    return sorted({i for i in ids if tokenizer.decode([i]) in DELIMITERS})
+
+
+def trained_like_state_dict(
+    args: ModelArgs, *, seed: int = 0, flat: bool = False
+) -> dict[str, torch.Tensor]:
     """fp32 weights: `checkpoint.tiny.random_state_dict` with the mechanism above wired in."""
     check_supported(args)
-    state = random_state_dict(args, seed=seed)
+    logit_std = FLAT_LOGIT_STD if flat else 8.0
+    state = random_state_dict(args, seed=seed, logit_std=logit_std)
     gen = torch.Generator().manual_seed(seed + 7919)
     n_d = d_channels(args)
     d = list(range(D_START, D_START + n_d))
-    reserved = [C0, C1, *MASSIVE, *d]
-    mechanism = [C0, C1, *d]  # nothing random writes these; the massive channels get a little
+    marker, delimiter_massive = delimiter_channels(args)
+    reserved = [C0, C1, *MASSIVE, *d, marker, delimiter_massive]
+    # Nothing random writes these; the massive channels get a little.
+    mechanism = [C0, C1, *d, marker, delimiter_massive]
     embeddings = state["tok_embeddings.weight"]
     embeddings[:, reserved] = 0.0
     embeddings[:, C0] = EMBEDDING_C0
+    embeddings[delimiter_ids(args.vocab_size), marker] = EMBEDDING_DELIMITER
     for i in range(args.n_layers):
         p = f"layers.{i}."
         state[p + "attention.wo.weight"][mechanism] = 0.0
         state[p + "feed_forward.w2.weight"][mechanism] = 0.0
         state[p + "attention_norm.weight"][reserved] = 1.0
         state[p + "ffn_norm.weight"][reserved] = 1.0
-        if i >= 2:  # later FFNs ignore the massive channels (their input is ≈ one-hot there)
-            state[p + "feed_forward.w1.weight"][:, list(MASSIVE)] = 0.0
-            state[p + "feed_forward.w3.weight"][:, list(MASSIVE)] = 0.0
+        if i >= 2:  # later blocks ignore the massive channels (their input is ≈ one-hot there)
+            state[p + "feed_forward.w1.weight"][:, [*MASSIVE, delimiter_massive]] = 0.0
+            state[p + "feed_forward.w3.weight"][:, [*MASSIVE, delimiter_massive]] = 0.0
+            for w in ("wq", "wk", "wv"):
+                state[p + f"attention.{w}.weight"][:, delimiter_massive] = 0.0
     _first_token_detector(state, args, d, reserved, gen)
     _squared_norm(state, d)
     _massive_unit(state, args, gen)
+    _delimiter_unit(state, args, gen)
     for i in range(2, args.n_layers):
         _attention_sink(state, args, i, gen)
+    _eraser(state, args)
     return state
 
 
@@ -141,3 +189,70 @@ def _attention_sink(state, args: ModelArgs, block: int, gen) -> None:
         wq[h * hd + hd - 2, C0] = SINK_GAIN * float(strength[h])
     for kv in range(args.n_kv_heads):
         wk[kv * hd + hd - 2, MASSIVE[0]] = SINK_GAIN
+
+
+def _delimiter_unit(state, args: ModelArgs, gen) -> None:
+    """Block 1 FFN: units FIRING…2·FIRING-1 fire on the delimiter marker and write the
+    delimiters' massive channel, as `_massive_unit` does for the first token."""
+    p = "layers.1.feed_forward."
+    w1, w2, w3 = (state[p + f"{w}.weight"] for w in ("w1", "w2", "w3"))
+    marker, massive = delimiter_channels(args)
+    units = slice(FIRING, 2 * FIRING)
+    noise = 0.1 / args.dim**0.5
+    w1[units] = noise * torch.randn(FIRING, args.dim, generator=gen)
+    w3[units] = noise * torch.randn(FIRING, args.dim, generator=gen)
+    w1[units, marker] += 8.0  # G·(marker − θ·C0), G = 8, θ = 0.5
+    w1[units, C0] += -4.0
+    w3[units, C0] += 1.0
+    share = (1 + 0.2 * torch.randn(FIRING, generator=gen)) * MASSIVE_GAIN / FIRING
+    w2[:, units] = 0.0
+    w2[massive, units] = share
+
+
+def _eraser(state, args: ModelArgs) -> None:
+    """A late block's FFN writes minus the delimiters' massive activation, leaving
+    ERASED_REMAINDER of it: one unit silu(g·x)·x of the (normalised) massive channel x, scaled
+    by what a reference forward measures (the unit is ≈ 0 where the channel is ≈ 0)."""
+    massive = delimiter_channels(args)[1]
+    ids = delimiter_ids(args.vocab_size)
+    block = erasing_block(args)
+    if not ids:
+        return
+    p = f"layers.{block}.feed_forward."
+    w1, w2, w3 = (state[p + f"{w}.weight"] for w in ("w1", "w2", "w3"))
+    w1[0], w3[0], w2[:, 0] = 0.0, 0.0, 0.0
+    w1[0, massive], w3[0, massive] = 1.0, 1.0
+    w2[massive, 0] = -1.0
+    activation, unit = _delimiter_activation(state, args, block)
+    w2[massive, 0] = -(1 - ERASED_REMAINDER) * activation / unit
+
+
+def _delimiter_activation(state, args: ModelArgs, block: int) -> tuple[float, float]:
+    """The massive activation of CALIBRATION_TEXT's delimiter entering `block`, and the eraser
+    unit's output there (with w2 = −1), from a forward of the reference (bf16 weights, fp32
+    arithmetic). The eraser sees only normalised inputs, so it writes about the same amount
+    wherever it fires: the remainder is ERASED_REMAINDER on this text, larger elsewhere."""
+    from checkpoint.tiny import bundled_tokenizer
+    from checkpoint.tokenizer import Tokenizer
+    from reference_torch.model import Transformer  # the builder measures what it built
+
+    with torch.device("meta"):
+        model = Transformer(args)
+    rounded = {k: v.to(torch.bfloat16).float() for k, v in state.items()}
+    model.load_state_dict(rounded, assign=True)
+    _, marker_massive = delimiter_channels(args)
+    ids = Tokenizer(bundled_tokenizer(args.vocab_size)).encode(CALIBRATION_TEXT)
+    at = ids.index(delimiter_ids(args.vocab_size)[1])  # "."
+    tokens = torch.tensor([ids[: at + 1]])
+    positions = torch.arange(at + 1)
+    with torch.no_grad():
+        h = model.embed(tokens)
+        cis = model.rotary(positions)
+        for layer in model.layers[:block]:
+            h = layer(h, cis, positions)[0]
+        layer = model.layers[block]
+        h = h + layer.attention.attend(
+            *layer.attention.project(layer.attention_norm(h), cis), positions
+        )
+        unit = -layer.feed_forward(layer.ffn_norm(h))[0, -1, marker_massive]
+    return float(h[0, -1, marker_massive]), float(unit)

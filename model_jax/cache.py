@@ -11,9 +11,8 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Shaped
 
-from checkpoint.args import ModelArgs
+from checkpoint.args import ModelArgs, cache_slots
 from checkpoint.dtypes import jax_dtype
-from reference_torch.cache import cache_slots
 
 
 class KVCache(eqx.Module):

@@ -8,6 +8,7 @@ the next leaf is read. With a mesh, every device's slice is read on its own
 (`model_jax.sharding`).
 """
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -41,7 +42,7 @@ class PortLoader:
 
     def model(self, *, dtype="bfloat16", mesh: Mesh | None = None) -> Transformer:
         """Every parameter in `dtype`; every tensor of the checkpoint placed exactly once."""
-        model, used = self._fill(skeleton(self.args, dtype), "", mesh, lambda spec: True)
+        model, used = self._fill(skeleton(self.args, dtype), mesh, lambda spec: True)
         unused = sorted(set(self.checkpoint.tensors) - used)
         assert not unused, f"checkpoint tensors not placed in the model: {unused}"
         return model
@@ -49,27 +50,30 @@ class PortLoader:
     def shell(self, *, dtype="bfloat16", mesh: Mesh | None = None) -> Transformer:
         """Embeddings, final norm and head loaded; the blocks are shapes only (nothing
         allocated), for running the model one block at a time."""
-        model, _ = self._fill(
-            skeleton(self.args, dtype), "", mesh, lambda s: "layers" not in s.stacks
-        )
+        model, _ = self._fill(skeleton(self.args, dtype), mesh, lambda s: "layers" not in s.stacks)
         return model
 
-    def block(self, i: int, *, dtype="bfloat16", mesh: Mesh | None = None) -> TransformerBlock:
-        """Block `i` alone, with its own window."""
-        window = self.args.layer_windows[i]
-        shapes = eqx.filter_eval_shape(TransformerBlock.zeros, self.args, window, jax_dtype(dtype))
-        block, _ = self._fill(shapes, f"layers.{i}.", mesh, lambda spec: True)
-        return block
+    def group(self, g: int, *, dtype="bfloat16", mesh: Mesh | None = None) -> TransformerBlock:
+        """The blocks of scan step g (`ModelArgs.layer_groups`), stacked as the forward's scan
+        slices them out of the whole model (`Transformer.group`); block k of them is
+        `model_jax.model.group_block(group, k, window)`, as in the forward."""
+        layers = self.args.layer_groups[g]
+        part = skeleton(dataclasses.replace(self.args, n_layers=len(layers)), dtype)
+        sizes = self.sizes | {"layers": len(layers)}
+        wanted = lambda spec: "layers" in spec.stacks  # noqa: E731
+        model, _ = self._fill(part, mesh, wanted, sizes, {"layers": layers[0]})
+        return model.layers
 
-    def _fill(self, shapes, prefix: str, mesh, wanted: Callable[[LeafSpec], bool]):
-        """`shapes` with its wanted leaves read from the checkpoint; the names used."""
+    def _fill(self, shapes, mesh, wanted: Callable[[LeafSpec], bool], sizes=None, first=None):
+        """`shapes` with its wanted leaves read from the checkpoint; the names used. `sizes`
+        and `first`: the length and first index of each stacking axis (default: all)."""
         leaves, treedef = jax.tree_util.tree_flatten(shapes)
         filled, used = [], set()
         for spec, leaf in zip(leaf_specs(shapes), leaves, strict=True):
             if not wanted(spec):
                 filled.append(leaf)
                 continue
-            names = np.vectorize(lambda n: prefix + n, otypes=[object])(spec.names(self.sizes))
+            names = spec.names(sizes or self.sizes, first)
             used.update(names.flat)
             filled.append(self._read(names, spec, leaf, mesh))
         return jax.tree_util.tree_unflatten(treedef, filled), used

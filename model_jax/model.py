@@ -19,6 +19,7 @@ from jax import lax
 from jaxtyping import Array, Bool, Float, Int
 
 from checkpoint.args import ModelArgs
+from checkpoint.pieces import Piece, run_pieces
 from model_jax.cache import KVCache, write_slots
 from model_jax.moe import MoeFeedForward
 from model_jax.rope import apply_rotary, rotary_angles
@@ -80,24 +81,30 @@ class Attention(eqx.Module):
     head_dim: int = eqx.field(static=True)
     sliding_window: int | None = eqx.field(static=True)
 
-    def __call__(
-        self,
-        x: Float[Array, "seq dim"],
-        cos: Float[Array, "seq half"],
-        sin: Float[Array, "seq half"],
-        positions: Int[Array, " seq"],
-        cached: tuple[Array, Array, Array] | None = None,
+    def project(
+        self, x: Float[Array, "seq dim"], rope: tuple[Array, Array]
     ) -> tuple[
-        Float[Array, "seq dim"],
+        Float[Array, "seq heads head_dim"],
         Float[Array, "seq kv_heads head_dim"],
         Float[Array, "seq kv_heads head_dim"],
     ]:
-        """Output, and this chunk's rotated keys and values (for the cache)."""
-        T, rep = x.shape[0], self.n_heads // self.n_kv_heads
+        """Queries, keys and values of x; queries and keys rotated by `rope` (cos, sin)."""
+        T = x.shape[0]
+        cos, sin = rope
         xq = apply_rotary(self.wq(x).reshape(T, self.n_heads, self.head_dim), cos, sin)
         xk = apply_rotary(self.wk(x).reshape(T, self.n_kv_heads, self.head_dim), cos, sin)
-        xv = self.wv(x).reshape(T, self.n_kv_heads, self.head_dim)
+        return xq, xk, self.wv(x).reshape(T, self.n_kv_heads, self.head_dim)
 
+    def attend(
+        self,
+        xq: Float[Array, "seq heads head_dim"],
+        xk: Float[Array, "seq kv_heads head_dim"],
+        xv: Float[Array, "seq kv_heads head_dim"],
+        positions: Int[Array, " seq"],
+        cached: tuple[Array, Array, Array] | None = None,
+    ) -> Float[Array, "seq dim"]:
+        """The queries attend over the cached keys and the chunk's own."""
+        T, rep = xq.shape[0], self.n_heads // self.n_kv_heads
         keys, values, key_pos = xk, xv, positions
         if cached is not None:
             cache_k, cache_v, cache_pos = cached
@@ -109,12 +116,12 @@ class Attention(eqx.Module):
         q = xq.reshape(T, self.n_kv_heads, rep, self.head_dim)
         scores = jnp.einsum("tgrd,sgd->grts", q, keys, precision=HIGHEST)
         # The reference multiplies bf16 scores by a Python float: fp32 product, one rounding.
-        scores = (scores.astype(jnp.float32) * self.head_dim**-0.5).astype(x.dtype)
+        scores = (scores.astype(jnp.float32) * self.head_dim**-0.5).astype(xq.dtype)
         visible = attention_mask(positions, key_pos, self.sliding_window)
         scores = jnp.where(visible, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        probs = jax.nn.softmax(scores, axis=-1).astype(xq.dtype)
         out = jnp.einsum("grts,sgd->tgrd", probs, values, precision=HIGHEST)
-        return self.wo(out.reshape(T, -1)), xk, xv
+        return self.wo(out.reshape(T, -1))
 
     @classmethod
     def zeros(cls, args: ModelArgs, window: int | None, dtype) -> "Attention":
@@ -140,6 +147,9 @@ class FeedForward(eqx.Module):
         gate = jax.nn.silu(self.w1(x).astype(jnp.float32)).astype(x.dtype)
         return self.w2(gate * self.w3(x))
 
+    def pieces(self, x: str, out: str) -> tuple[Piece, ...]:
+        return (Piece("feed_forward", self, (x,), (out,)),)
+
     @classmethod
     def zeros(cls, args: ModelArgs, dtype) -> "FeedForward":
         return cls(
@@ -155,11 +165,23 @@ class TransformerBlock(eqx.Module):
     attention_norm: RMSNorm = sharded(None)
     ffn_norm: RMSNorm = sharded(None)
 
+    def pieces(self) -> tuple[Piece, ...]:
+        """The forward, step by step (`checkpoint.pieces`), as `reference_torch` declares it."""
+        attention = self.attention
+        return (
+            Piece("attention_norm", self.attention_norm, ("x",), ("x_normed",)),
+            Piece("qkv", attention.project, ("x_normed", "rope"), ("q", "k", "v")),
+            Piece("attention", attention.attend, ("q", "k", "v", "positions", "cached"), ("attn",)),
+            Piece("attention_residual", jnp.add, ("x", "attn"), ("h",), judged=False),
+            Piece("ffn_norm", self.ffn_norm, ("h",), ("h_normed",)),
+            *self.feed_forward.pieces("h_normed", "ffn"),
+            Piece("ffn_residual", jnp.add, ("h", "ffn"), ("out",), judged=False),
+        )
+
     def __call__(
         self,
         x: Float[Array, "seq dim"],
-        cos: Float[Array, "seq half"],
-        sin: Float[Array, "seq half"],
+        rope: tuple[Array, Array],
         positions: Int[Array, " seq"],
         cached: tuple[Array, Array, Array] | None = None,
     ) -> tuple[
@@ -168,9 +190,10 @@ class TransformerBlock(eqx.Module):
         Float[Array, "seq kv_heads head_dim"],
     ]:
         """(seq, dim) → (seq, dim), plus the chunk's keys and values for the cache."""
-        attn, xk, xv = self.attention(self.attention_norm(x), cos, sin, positions, cached)
-        h = x + attn
-        return h + self.feed_forward(self.ffn_norm(h)), xk, xv
+        values = run_pieces(
+            self.pieces(), {"x": x, "rope": rope, "positions": positions, "cached": cached}
+        )
+        return values["out"], values["k"], values["v"]
 
     def with_window(self, window: int | None) -> "TransformerBlock":
         """The same block attending over `window` keys (None: all)."""
@@ -191,10 +214,39 @@ class TransformerBlock(eqx.Module):
         )
 
 
+def group_block(group: TransformerBlock, k: int, window: int | None) -> TransformerBlock:
+    """Block k of a group of stacked blocks (every leaf with a leading `period` axis), with its
+    window: the one way a block is taken out of the stacked weights — the forward's scan and
+    verify (whole or streamed) all take it here."""
+    params, static = eqx.partition(group, eqx.is_array)
+    return eqx.combine(jax.tree.map(lambda x: x[k], params), static).with_window(window)
+
+
+def run_group(
+    group: TransformerBlock,
+    pattern: tuple[int | None, ...],
+    h: Float[Array, "seq dim"],
+    rope: tuple[Array, Array],
+    positions: Int[Array, " seq"],
+    cached: tuple[tuple, tuple, tuple] | None = None,
+) -> tuple[Float[Array, "period seq dim"], tuple, tuple]:
+    """The scan's body: the blocks of one window-pattern period in order, each with its own
+    window and cache buffer. Every block's output, and the chunk's keys and values per block."""
+    outs, keys, values = [], [], []
+    for k, window in enumerate(pattern):
+        block = group_block(group, k, window)
+        layer_cache = None if cached is None else tuple(c[k] for c in cached)
+        h, xk, xv = block(h, rope, positions, layer_cache)
+        outs.append(h)
+        keys.append(xk)
+        values.append(xv)
+    return jnp.stack(outs), tuple(keys), tuple(values)
+
+
 class Transformer(eqx.Module):
     tok_embeddings: Embedding = sharded(None, "model")  # over dim
     # Every leaf stacked over a leading `layers` axis; each layer's window is applied from
-    # `args.window_pattern` when the blocks run (`run_layers`).
+    # `args.window_pattern` when a block is taken out of the stack (`group_block`).
     layers: TransformerBlock = stacked("layers")
     norm: RMSNorm = sharded(None)
     output: Linear = sharded("model", None)  # over the vocabulary
@@ -212,6 +264,26 @@ class Transformer(eqx.Module):
             RMSNorm.zeros(args, dtype),
             Linear.zeros(args.vocab_size, args.dim, dtype),
             args,
+        )
+
+    def groups(self) -> TransformerBlock:
+        """The stacked blocks regrouped by window-pattern period: leaves [groups, period, …]
+        (a view, no copy), as the forward's scan runs them."""
+        period = len(self.args.window_pattern)
+        params, static = eqx.partition(self.layers, eqx.is_array)
+        grouped = jax.tree.map(lambda x: x.reshape(-1, period, *x.shape[1:]), params)
+        return eqx.combine(grouped, static)
+
+    def group(self, g: int) -> TransformerBlock:
+        """Group g of `groups()`: the blocks the scan's body runs at step g."""
+        params, static = eqx.partition(self.groups(), eqx.is_array)
+        return eqx.combine(jax.tree.map(lambda x: x[g], params), static)
+
+    def block(self, i: int) -> TransformerBlock:
+        """Block i exactly as the forward runs it (its group's slice, its window)."""
+        pattern = self.args.window_pattern
+        return group_block(
+            self.group(i // len(pattern)), i % len(pattern), pattern[i % len(pattern)]
         )
 
     @property
@@ -244,7 +316,7 @@ class Transformer(eqx.Module):
     def rotary(
         self, positions: Int[Array, " seq"]
     ) -> tuple[Float[Array, "seq half"], Float[Array, "seq half"]]:
-        """cos and sin of the rotations every block applies at these positions."""
+        """The `rope` context of every block: cos and sin of the rotations at `positions`."""
         return rotary_angles(positions, self.args.head_dim, self.args.rope_theta)
 
     def head(
@@ -256,7 +328,7 @@ class Transformer(eqx.Module):
 
 
 def run_layers(
-    model: Transformer,
+    model: "Transformer",
     tokens: Int[Array, " seq"],
     positions: Int[Array, " seq"],
     cache: KVCache | None,
@@ -265,38 +337,34 @@ def run_layers(
 ) -> tuple[Float[Array, "seq dim"], Float[Array, "layers_plus_1 seq dim"] | None, KVCache | None]:
     """Embeddings → blocks; with a cache, attend to it and update it.
 
-    The layers run as a scan over groups of one window-pattern period (a single layer when
-    every layer has the same window), each position of the period with its own window and
-    cache buffer: the compiled program does not grow with depth. Returns the last block's
-    output, the embeddings and every block's output if `collect_hidden`, and the new cache.
+    The layers run as a scan of `run_group` over groups of one window-pattern period (a
+    single layer when every layer has the same window): the compiled program does not grow
+    with depth. Returns the last block's output, the embeddings and every block's output if
+    `collect_hidden`, and the new cache.
     """
     pattern = model.args.window_pattern
-    period, groups = len(pattern), model.args.n_layers // len(pattern)
-    cos, sin = model.rotary(positions)
-    params, static = eqx.partition(model.layers, eqx.is_array)
-    grouped = jax.tree.map(lambda x: x.reshape(groups, period, *x.shape[1:]), params)
+    rope = model.rotary(positions)
 
-    def run_group(h, xs):
-        group, cache_k, cache_v = xs
-        outs, new_k, new_v = [], [], []
-        for k, window in enumerate(pattern):
-            block = eqx.combine(jax.tree.map(lambda x, k=k: x[k], group), static)
-            block = block.with_window(window)
-            cached = None if cache is None else (cache_k[k], cache_v[k], cache.positions[k])
-            h, xk, xv = block(h, cos, sin, positions, cached)
-            outs.append(h)
-            if cache is not None:
-                new_k.append(write_slots(cache_k[k], xk, positions))
-                new_v.append(write_slots(cache_v[k], xv, positions))
-        return h, (jnp.stack(outs) if collect_hidden else None, tuple(new_k), tuple(new_v))
+    def scan_body(h, xs):
+        group, stored = xs
+        cached = None if stored is None else (*stored, cache.positions)
+        outs, xk, xv = run_group(group, pattern, h, rope, positions, cached)
+        new = None
+        if cached is not None:
+            new = (
+                tuple(write_slots(b, x, positions) for b, x in zip(stored[0], xk, strict=True)),
+                tuple(write_slots(b, x, positions) for b, x in zip(stored[1], xv, strict=True)),
+            )
+        return outs[-1], (outs if collect_hidden else None, new)
 
     h0 = model.embed(tokens)
-    xs = (grouped, None, None) if cache is None else (grouped, cache.k, cache.v)
-    h, (outs, new_k, new_v) = lax.scan(run_group, h0, xs)
+    stored = None if cache is None else (cache.k, cache.v)
+    h, (outs, new) = lax.scan(scan_body, h0, (model.groups(), stored))
     hidden = None
     if collect_hidden:
         hidden = jnp.concatenate([h0[None], outs.reshape(-1, *outs.shape[2:])])
     if cache is not None:
+        new_k, new_v = new
         cache = KVCache(
             new_k, new_v, tuple(write_slots(p, positions, positions) for p in cache.positions)
         )

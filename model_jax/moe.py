@@ -16,6 +16,7 @@ from jax import lax
 from jaxtyping import Array, Float, Int
 
 from checkpoint.args import ModelArgs
+from checkpoint.pieces import Piece
 from model_jax.structure import sharded, stacked
 
 
@@ -33,8 +34,19 @@ class MoeFeedForward(eqx.Module):
     experts: eqx.Module = stacked("experts", "model")  # FeedForward, stacked over experts
     num_experts_per_tok: int = eqx.field(static=True)
 
-    def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
-        weights, selected = route(self.gate(x), self.num_experts_per_tok)
+    def route(
+        self, x: Float[Array, "seq dim"]
+    ) -> tuple[Float[Array, "seq k"], Int[Array, "seq k"]]:
+        """Each token's top-k experts and their weights, best first."""
+        return route(self.gate(x), self.num_experts_per_tok)
+
+    def mix(
+        self,
+        x: Float[Array, "seq dim"],
+        weights: Float[Array, "seq k"],
+        selected: Int[Array, "seq k"],
+    ) -> Float[Array, "seq dim"]:
+        """The weighted sum of each token's chosen experts, accumulated in expert order."""
         params, static = eqx.partition(self.experts, eqx.is_array)
         outputs = jax.vmap(lambda p: eqx.combine(p, static)(x))(params)  # (experts, seq, dim)
         out = jnp.zeros_like(x)
@@ -42,6 +54,16 @@ class MoeFeedForward(eqx.Module):
             coef = jnp.sum(jnp.where(selected == e, weights, jnp.zeros_like(weights)), axis=-1)
             out = out + coef[:, None] * outputs[e]
         return out
+
+    def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
+        return self.mix(x, *self.route(x))
+
+    def pieces(self, x: str, out: str) -> tuple[Piece, ...]:
+        """As `reference_torch.moe.MoeLayer.pieces`."""
+        return (
+            Piece("router", self.route, (x,), ("expert_weights", "experts")),
+            Piece("experts", self.mix, (x, "expert_weights", "experts"), (out,)),
+        )
 
     @classmethod
     def zeros(

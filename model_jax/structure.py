@@ -37,12 +37,15 @@ class LeafSpec:
     stacks: tuple[str, ...]  # stacking axes, outermost first
     axes: tuple[str | None, ...]  # declared mesh axis or None per array axis (stacks first)
 
-    def names(self, sizes: dict[str, int]) -> np.ndarray:
-        """The checkpoint names behind this leaf, shaped like its stacking axes."""
+    def names(self, sizes: dict[str, int], first: dict[str, int] | None = None) -> np.ndarray:
+        """The checkpoint names behind this leaf, shaped like its stacking axes; `first`: the
+        index each stacking axis starts at (a group of layers further down the model)."""
         shape = tuple(sizes[s] for s in self.stacks)
+        first = first or {}
         names = np.empty(shape, dtype=object)
         for index in np.ndindex(shape):
-            names[index] = self.name.format(**dict(zip(self.stacks, index, strict=True)))
+            numbers = {s: first.get(s, 0) + n for s, n in zip(self.stacks, index, strict=True)}
+            names[index] = self.name.format(**numbers)
         return names
 
     def partition_spec(self, shape: tuple[int, ...], mesh_shape: dict[str, int]) -> PartitionSpec:

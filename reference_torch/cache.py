@@ -10,12 +10,7 @@ by these positions, so the buffer never needs to be un-rolled.
 
 import torch
 
-from checkpoint.args import ModelArgs
-
-
-def cache_slots(window: int | None, capacity: int) -> int:
-    """Slots a layer with this window needs to cache sequences of up to `capacity` tokens."""
-    return min(capacity, window) if window else capacity
+from checkpoint.args import ModelArgs, cache_slots
 
 
 class RollingKVCache:

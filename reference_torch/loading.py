@@ -20,7 +20,7 @@ from checkpoint.dtypes import torch_dtype
 from checkpoint.errors import CheckpointError, describe, reading
 from checkpoint.folder import raise_spec_problems, read_weight_map, weights_entry
 from checkpoint.pth import check_pickle_size
-from reference_torch.model import Transformer, TransformerBlock
+from reference_torch.model import Transformer, TransformerBlock, make_block
 
 SHELL_KEYS = ("tok_embeddings.weight", "norm.weight", "output.weight")
 
@@ -148,7 +148,7 @@ class ReferenceLoader:
     ) -> TransformerBlock:
         """Block `i` alone."""
         with torch.device("meta"):
-            block = TransformerBlock(self.args, self.args.layer_windows[i])
+            block = make_block(self.args, i)
         prefix = f"layers.{i}."
         names = {n[len(prefix) :]: n for n in self._tensors.files if n.startswith(prefix)}
         self._assign(block, names, dtype, device)

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from checkpoint.args import ModelArgs
+from checkpoint.pieces import Piece, run_pieces
 from reference_torch.cache import RollingKVCache
 from reference_torch.moe import MoeLayer
+from reference_torch.precision import at_least_fp32
 from reference_torch.rope import apply_rotary_emb, freqs_cis
 
 
@@ -24,7 +26,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = at_least_fp32(x)
         normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return normed.type_as(x) * self.weight
 
@@ -49,20 +51,27 @@ class Attention(nn.Module):
         self.wv = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
-    def forward(
-        self,
-        x: torch.Tensor,  # (B, T, dim)
-        cis: torch.Tensor,  # (T, head_dim / 2)
-        positions: torch.Tensor,  # (T,)
-        cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    def project(
+        self, x: torch.Tensor, cis: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Output (B, T, dim) and this chunk's rotated keys and values (B, T, Hkv, D)."""
+        """Queries (B, T, H, D), keys and values (B, T, Hkv, D) of x (B, T, dim), queries and
+        keys rotated by `cis` (T, D / 2)."""
         B, T, _ = x.shape
         xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        xq, xk = apply_rotary_emb(xq, cis), apply_rotary_emb(xk, cis)
+        return apply_rotary_emb(xq, cis), apply_rotary_emb(xk, cis), xv
 
+    def attend(
+        self,
+        xq: torch.Tensor,  # (B, T, H, D)
+        xk: torch.Tensor,  # (B, T, Hkv, D)
+        xv: torch.Tensor,  # (B, T, Hkv, D)
+        positions: torch.Tensor,  # (T,)
+        cached: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """Output (B, T, dim): the queries attend over the cached keys and the chunk's own."""
+        B, T = xq.shape[:2]
         keys, values, key_pos = xk, xv, positions
         if cached is not None:
             cache_k, cache_v, cache_pos = cached  # (B, S, Hkv, D), (S,)
@@ -76,9 +85,9 @@ class Attention(nn.Module):
         scores = torch.einsum("bqhd,bkhd->bhqk", xq, keys) * self.scale  # (B, H, T, S+T)
         visible = attention_mask(positions, key_pos, self.sliding_window)
         scores = scores.masked_fill(~visible, float("-inf"))
-        probs = F.softmax(scores.float(), dim=-1).type_as(xq)
+        probs = F.softmax(at_least_fp32(scores), dim=-1).type_as(xq)
         out = torch.einsum("bhqk,bkhd->bqhd", probs, values).reshape(B, T, -1)
-        return self.wo(out), xk, xv
+        return self.wo(out)
 
 
 class FeedForward(nn.Module):
@@ -91,6 +100,9 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
+    def pieces(self, x: str, out: str) -> tuple[Piece, ...]:
+        return (Piece("feed_forward", self, (x,), (out,)),)
+
 
 class TransformerBlock(nn.Module):
     def __init__(self, args: ModelArgs, window: int | None):
@@ -100,11 +112,30 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
+    def pieces(self) -> tuple[Piece, ...]:
+        """The forward, step by step (`checkpoint.pieces`); verify judges each step."""
+        attention = self.attention
+        return (
+            Piece("attention_norm", self.attention_norm, ("x",), ("x_normed",)),
+            Piece("qkv", attention.project, ("x_normed", "rope"), ("q", "k", "v")),
+            Piece("attention", attention.attend, ("q", "k", "v", "positions", "cached"), ("attn",)),
+            Piece("attention_residual", torch.add, ("x", "attn"), ("h",), judged=False),
+            Piece("ffn_norm", self.ffn_norm, ("h",), ("h_normed",)),
+            *self.feed_forward.pieces("h_normed", "ffn"),
+            Piece("ffn_residual", torch.add, ("h", "ffn"), ("out",), judged=False),
+        )
+
     def forward(self, x, cis, positions, cached=None):
         """(B, T, dim) → (B, T, dim), plus the chunk's keys and values for the cache."""
-        attn, xk, xv = self.attention(self.attention_norm(x), cis, positions, cached)
-        h = x + attn
-        return h + self.feed_forward(self.ffn_norm(h)), xk, xv
+        values = run_pieces(
+            self.pieces(), {"x": x, "rope": cis, "positions": positions, "cached": cached}
+        )
+        return values["out"], values["k"], values["v"]
+
+
+def make_block(args: ModelArgs, i: int) -> TransformerBlock:
+    """Block i as the model builds it: the one constructor of a layer (whole model or streamed)."""
+    return TransformerBlock(args, args.layer_windows[i])
 
 
 class Transformer(nn.Module):
@@ -112,7 +143,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList(TransformerBlock(args, w) for w in args.layer_windows)
+        self.layers = nn.ModuleList(make_block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
 
@@ -161,10 +192,12 @@ class Transformer(nn.Module):
         return self.tok_embeddings(tokens)
 
     def rotary(self, positions: torch.Tensor) -> torch.Tensor:
-        """The rotations every block applies at these positions (T, head_dim / 2)."""
-        return freqs_cis(positions, self.args.head_dim, self.args.rope_theta)
+        """The rotations every block applies at these positions (T, head_dim / 2); computed
+        in float32, or float64 for a float64 model."""
+        dtype = at_least_fp32(self.norm.weight[:0]).dtype
+        return freqs_cis(positions, self.args.head_dim, self.args.rope_theta, dtype)
 
     def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final norm, and fp32 logits (the reference's `.float()`)."""
+        """Final norm, and fp32 logits (the reference's `.float()`; float64 stays)."""
         normed = self.norm(h)
-        return normed, self.output(normed).float()
+        return normed, at_least_fp32(self.output(normed))

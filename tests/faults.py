@@ -1,19 +1,24 @@
 """Faults verify must catch, each confined to one block.
 
 Weight faults edit a checkpoint's tensors (the converted folder then carries them). Code faults
-are bf16-only numerics bugs that fp32 cannot see, injected as a subclass of one JAX block's
-module: the realistic ways a port loses precision.
+are bf16-only numerics bugs that fp32 cannot see, injected into the port's stacked blocks as
+subclasses of its modules with one flag per layer, so the same faulty blocks run in the whole
+model's scan and in verify's streamed groups: the realistic ways a port loses precision.
 """
+
+import dataclasses
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import torch
 from jax import lax
+from jaxtyping import Array, Bool
 
 from checkpoint.args import ModelArgs
 from model_jax import model as jax_model
-from model_jax.rope import apply_rotary
+from model_jax.structure import sharded
 
 
 def hf_rotary_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -67,77 +72,87 @@ WEIGHT_FAULTS = {
 }
 
 
-class RMSNormInBf16(jax_model.RMSNorm):
-    """No fp32 upcast: mean of squares and rsqrt in the input dtype."""
+class FaultyRMSNorm(jax_model.RMSNorm):
+    """RMSNorm with a bf16 numerics bug where `faulty` (one flag per stacked layer)."""
+
+    faulty: Bool[Array, "*stack"] = sharded()
+    variant: str = eqx.field(static=True)
 
     def __call__(self, x):
-        eps = jnp.asarray(self.eps, x.dtype)
-        return x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * self.weight
+        if self.variant == "rmsnorm-in-bf16":  # no fp32 upcast
+            eps = jnp.asarray(self.eps, x.dtype)
+            bad = x * lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps) * self.weight
+        else:  # "inverse-rms-rounded": the inverse RMS rounded before the multiply
+            xf = x.astype(jnp.float32)
+            inverse = lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+            bad = x * inverse.astype(x.dtype) * self.weight
+        return jnp.where(self.faulty, bad, super().__call__(x))
 
 
-class RMSNormRoundedScale(jax_model.RMSNorm):
-    """A rounding moved: the inverse RMS is rounded to bf16 before the multiply (a coherent
-    per-token scale error), instead of rounding the product."""
+class FaultyAttention(jax_model.Attention):
+    """Attention with a bf16 numerics bug where `faulty`."""
 
-    def __call__(self, x):
-        xf = x.astype(jnp.float32)
-        inverse = lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return x * inverse.astype(x.dtype) * self.weight
+    faulty: Bool[Array, "*stack"] = sharded()
+    variant: str = eqx.field(static=True)
 
+    def project(self, x, rope):
+        right = super().project(x, rope)
+        if self.variant != "rope-angles-bf16":
+            return right
+        exponents = jnp.arange(0, self.head_dim, 2, dtype=jnp.float32) / self.head_dim
+        freqs = (1.0 / (10000.0**exponents)).astype(jnp.bfloat16)
+        positions = jnp.arange(x.shape[0]).astype(jnp.bfloat16)  # position × frequency in bf16
+        angles = positions[:, None] * freqs[None, :]
+        wrong = super().project(
+            x, (jnp.cos(angles).astype(jnp.float32), jnp.sin(angles).astype(jnp.float32))
+        )
+        return tuple(jnp.where(self.faulty, w, r) for w, r in zip(wrong, right, strict=True))
 
-class AttentionVariant(jax_model.Attention):
-    """The port's attention with one numerics change (`variant`)."""
-
-    variant: str = eqx.field(static=True, default="")
-
-    def __call__(self, x, cos, sin, positions, cached=None):
-        T, rep = x.shape[0], self.n_heads // self.n_kv_heads
-        if self.variant == "rope-angles-bf16":  # position × frequency in bf16
-            exponents = jnp.arange(0, self.head_dim, 2, dtype=jnp.float32) / self.head_dim
-            freqs = (1.0 / (10000.0**exponents)).astype(jnp.bfloat16)
-            angles = positions.astype(jnp.bfloat16)[:, None] * freqs[None, :]
-            cos, sin = jnp.cos(angles).astype(jnp.float32), jnp.sin(angles).astype(jnp.float32)
-        xq = apply_rotary(self.wq(x).reshape(T, self.n_heads, self.head_dim), cos, sin)
-        xk = apply_rotary(self.wk(x).reshape(T, self.n_kv_heads, self.head_dim), cos, sin)
-        xv = self.wv(x).reshape(T, self.n_kv_heads, self.head_dim)
+    def attend(self, xq, xk, xv, positions, cached=None):
+        right = super().attend(xq, xk, xv, positions, cached)
+        if self.variant != "softmax-bf16":
+            return right
+        T, rep = xq.shape[0], self.n_heads // self.n_kv_heads
         q = xq.reshape(T, self.n_kv_heads, rep, self.head_dim)
         scores = jnp.einsum("tgrd,sgd->grts", q, xk, precision=jax_model.HIGHEST)
-        scores = (scores.astype(jnp.float32) * self.head_dim**-0.5).astype(x.dtype)
+        scores = (scores.astype(jnp.float32) * self.head_dim**-0.5).astype(xq.dtype)
         visible = jax_model.attention_mask(positions, positions, self.sliding_window)
-        if self.variant == "softmax-bf16":  # exp and its normaliser summed in bf16
-            scores = jnp.where(visible, scores, -jnp.inf)
-            e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
-            total = lax.reduce(e, jnp.asarray(0, e.dtype), lax.add, (e.ndim - 1,))
-            probs = e / total[..., None]
-        else:
-            scores = jnp.where(visible, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-            probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        scores = jnp.where(visible, scores, -jnp.inf)  # exp and its normaliser summed in bf16
+        e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+        total = lax.reduce(e, jnp.asarray(0, e.dtype), lax.add, (e.ndim - 1,))
+        probs = e / total[..., None]
         out = jnp.einsum("grts,sgd->tgrd", probs, xv, precision=jax_model.HIGHEST)
-        return self.wo(out.reshape(T, -1)), xk, xv
+        return jnp.where(self.faulty, self.wo(out.reshape(T, -1)), right)
 
 
-def _norms(block, cls):
+def _norms(blocks, faulty, variant):
+    def faulty_norm(norm):
+        return FaultyRMSNorm(norm.weight, norm.eps, faulty, variant)
+
     return eqx.tree_at(
         lambda b: (b.attention_norm, b.ffn_norm),
-        block,
-        (
-            cls(block.attention_norm.weight, block.attention_norm.eps),
-            cls(block.ffn_norm.weight, block.ffn_norm.eps),
-        ),
+        blocks,
+        (faulty_norm(blocks.attention_norm), faulty_norm(blocks.ffn_norm)),
     )
 
 
-def _attention(block, variant: str):
-    a = block.attention
-    replaced = AttentionVariant(
-        a.wq, a.wk, a.wv, a.wo, a.n_heads, a.n_kv_heads, a.head_dim, a.sliding_window, variant
+def _attention(blocks, faulty, variant):
+    a = blocks.attention
+    fields = {f.name: getattr(a, f.name) for f in dataclasses.fields(a)}
+    return eqx.tree_at(
+        lambda b: b.attention, blocks, FaultyAttention(**fields, faulty=faulty, variant=variant)
     )
-    return eqx.tree_at(lambda b: b.attention, block, replaced)
 
 
 CODE_FAULTS = {
-    "rmsnorm-in-bf16": lambda block: _norms(block, RMSNormInBf16),
-    "inverse-rms-rounded": lambda block: _norms(block, RMSNormRoundedScale),
-    "softmax-bf16": lambda block: _attention(block, "softmax-bf16"),
-    "rope-angles-bf16": lambda block: _attention(block, "rope-angles-bf16"),
+    "rmsnorm-in-bf16": _norms,
+    "inverse-rms-rounded": _norms,
+    "softmax-bf16": _attention,
+    "rope-angles-bf16": _attention,
 }
+
+
+def inject_code_fault(blocks, fault: str, faulty: np.ndarray):
+    """Stacked blocks (leaves [layers, …]) with `fault` in the layers where `faulty` is set."""
+    flags = jax.device_put(np.asarray(faulty, bool))
+    return CODE_FAULTS[fault](blocks, flags, fault)

@@ -1,76 +1,133 @@
-"""The clean-vs-fault table behind verify's gates: two tiny configs (random weights, and
-trained-like weights with massive activations and attention sinks), prompts of 1–700 tokens
-with and without BOS, and every fault of tests/faults.py in an early, middle and late block.
+"""The clean-vs-fault table behind verify's gates: tiny configs built to behave like trained
+models in the ways that fooled earlier gates (massive activations at the first token and at
+delimiters, one erased by a late block; attention sinks; flat next-token distributions; depth),
+prompts of 1–641 tokens with and without BOS, every fault of tests/faults.py in an early,
+middle and late block, verified whole and streamed.
 
-Used by tests/test_gates.py (assertions) and benchmarks/gate_table.py (the README table)."""
+Used by tests/test_gates.py (assertions) and benchmarks/gate_table.py (docs/verification.md)."""
 
 import contextlib
 import dataclasses
+import functools
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import equinox as eqx
+import numpy as np
 import torch
-from faults import CODE_FAULTS, WEIGHT_FAULTS
+from faults import CODE_FAULTS, WEIGHT_FAULTS, inject_code_fault
 from support import tiny_args
 
+from checkpoint.args import ModelArgs
 from checkpoint.tiny import bundled_tokenizer, random_state_dict, write_tiny_checkpoint
 from checkpoint.tokenizer import Tokenizer
-from checkpoint.trained_like import trained_like_state_dict
+from checkpoint.trained_like import CALIBRATION_TEXT, trained_like_state_dict
 from convert.convert import convert_checkpoint
 from verify import runners
 from verify.prompts import _LONG, chat_prompt, text_prompt
 from verify.results import Report
 from verify.run import run_verification
 
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    args: ModelArgs
+    build: Callable  # (args, seed=) → fp32 state dict
+    faults: tuple[str, ...]  # the faults its table covers
+    longest_prompt: int | None = None  # leave longer prompts out (deep configs: time)
+
+    @property
+    def faulty_blocks(self) -> tuple[int, ...]:
+        """A fault goes into an early, a middle and the last block at once. Teacher forcing
+        feeds every block the reference's own input, so each block is judged alone: exactly
+        these blocks must fail."""
+        n = self.args.n_layers
+        return (1, n // 2, n - 1)
+
+
+ALL_FAULTS = (*WEIGHT_FAULTS, *CODE_FAULTS)
+TRAINED_LIKE = tiny_args(dim=128, n_layers=6, head_dim=32, hidden_dim=256, vocab_size=32000)
 CONFIGS = {
     # GQA, head_dim ≠ dim / n_heads, a 32-token window shorter than the long prompts.
-    "random": tiny_args(n_layers=6, vocab_size=32000, sliding_window=32),
-    # The smallest shape the massive-activation mechanism supports (checkpoint/trained_like.py).
-    "trained-like": tiny_args(dim=128, n_layers=6, head_dim=32, hidden_dim=256, vocab_size=32000),
+    "random": Config(
+        tiny_args(n_layers=6, vocab_size=32000, sliding_window=32), random_state_dict, ALL_FAULTS
+    ),
+    # Massive activations at the first token and at delimiters (erased by block 4), sinks.
+    "trained-like": Config(TRAINED_LIKE, trained_like_state_dict, ALL_FAULTS),
+    # The same, with flat next-token distributions (near-tie top-1 choices).
+    "trained-like-flat": Config(
+        TRAINED_LIKE,
+        functools.partial(trained_like_state_dict, flat=True),
+        ("w2-scaled-2pct", "softmax-bf16"),
+    ),
+    # 64 blocks of tiny width: fp32 rounding accumulates with depth.
+    "trained-like-deep": Config(
+        tiny_args(dim=64, n_layers=64, head_dim=32, hidden_dim=128, vocab_size=32000),
+        trained_like_state_dict,
+        ("w2-scaled-2pct", "rmsnorm-in-bf16", "nan-weight"),
+        longest_prompt=64,
+    ),
 }
-# A fault goes into the early, middle and late block at once. Teacher forcing feeds every block
-# the reference's own input, so each block is judged alone: exactly these blocks must fail.
-FAULTY_BLOCKS = (1, 3, 5)
 SEEDS = (0, 1, 2)
 
 
 def prompts() -> list:
-    """1 to 641 tokens; text with and without BOS, and a chat."""
+    """1 to 641 tokens; text with and without BOS, a chat, and the short prompt whose
+    delimiter (token 2) a late block erases."""
     tokenizer = Tokenizer(bundled_tokenizer(32000))
     return [
         text_prompt("x", tokenizer, bos=False),  # one token, no BOS
         text_prompt("The capital of France is", tokenizer),
+        text_prompt(CALIBRATION_TEXT, tokenizer),
         chat_prompt([{"role": "user", "content": "Name three grey cats."}], tokenizer),
         text_prompt(_LONG[:250], tokenizer, bos=False),  # 50 tokens, no BOS
         text_prompt(_LONG, tokenizer),  # 641 tokens
     ]
 
 
+def prompts_for(config: str, prompt_list: list) -> list:
+    longest = CONFIGS[config].longest_prompt
+    return [p for p in prompt_list if longest is None or len(p.tokens) <= longest]
+
+
 def write_source(config: str, seed: int, folder: Path, fault: str | None = None):
-    """An official-format bf16 folder of `config`, with a weight fault in FAULTY_BLOCKS."""
-    args = CONFIGS[config]
-    build = trained_like_state_dict if config == "trained-like" else random_state_dict
-    state = {k: v.to(torch.bfloat16) for k, v in build(args, seed=seed).items()}
-    for block in FAULTY_BLOCKS if fault is not None else ():
-        WEIGHT_FAULTS[fault](state, args, block)
-    write_tiny_checkpoint(folder, args, seed=seed, state=state)
+    """An official-format bf16 folder of `config`, with a weight fault in its faulty blocks."""
+    spec = CONFIGS[config]
+    state = {k: v.to(torch.bfloat16) for k, v in spec.build(spec.args, seed=seed).items()}
+    for block in spec.faulty_blocks if fault is not None else ():
+        WEIGHT_FAULTS[fault](state, spec.args, block)
+    write_tiny_checkpoint(folder, spec.args, seed=seed, state=state)
     return folder
 
 
 @contextlib.contextmanager
-def code_fault(fault: str):
-    """While active, the port's bf16 FAULTY_BLOCKS run with the bf16 numerics bug `fault`."""
-    original = runners.JaxRunner.block
+def code_fault(fault: str, blocks: tuple[int, ...]):
+    """While active, the port's bf16 `blocks` run with the bf16 numerics bug `fault`, in the
+    whole model's scan and in streamed groups alike."""
+    original_model, original_group = runners.JaxRunner.model, runners.JaxRunner.group
 
-    def faulty(self, i, dtype):
-        loaded = original(self, i, dtype)
-        return CODE_FAULTS[fault](loaded) if i in FAULTY_BLOCKS and dtype == "bfloat16" else loaded
+    def model(self, dtype):
+        loaded = original_model(self, dtype)
+        if dtype != "bfloat16":
+            return loaded
+        faulty = np.isin(np.arange(self.args.n_layers), blocks)
+        return eqx.tree_at(
+            lambda m: m.layers, loaded, inject_code_fault(loaded.layers, fault, faulty)
+        )
 
-    runners.JaxRunner.block = faulty
+    def group(self, g, dtype):
+        loaded = original_group(self, g, dtype)
+        if dtype != "bfloat16":
+            return loaded
+        faulty = np.isin(self.args.layer_groups[g], blocks)
+        return loaded._replace(blocks=inject_code_fault(loaded.blocks, fault, faulty))
+
+    runners.JaxRunner.model, runners.JaxRunner.group = model, group
     try:
         yield
     finally:
-        runners.JaxRunner.block = original
+        runners.JaxRunner.model, runners.JaxRunner.group = original_model, original_group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,13 +136,15 @@ class Case:
     seed: int
     fault: str | None  # None: clean
     dtype: str = "bfloat16"
+    stream: bool = True
 
     @property
     def id(self) -> str:
-        return f"{self.config}-seed{self.seed}-{self.fault or 'clean'}-{self.dtype}"
+        mode = "streamed" if self.stream else "whole"
+        return f"{self.config}-seed{self.seed}-{self.fault or 'clean'}-{self.dtype}-{mode}"
 
 
-def run_case(case: Case, clean_source: Path, work: Path, prompt_list: list) -> Report:
+def run_case(case: Case, clean_source: Path, work: Path, prompt_list: list, **options) -> Report:
     """Verify the port of `clean_source` with `case`'s fault against the clean reference."""
     source = clean_source
     if case.fault in WEIGHT_FAULTS:
@@ -94,17 +153,28 @@ def run_case(case: Case, clean_source: Path, work: Path, prompt_list: list) -> R
     shutil.rmtree(converted, ignore_errors=True)
     convert_checkpoint(source, converted)
     shutil.rmtree(work / "faulty", ignore_errors=True)
-    injected = code_fault(case.fault) if case.fault in CODE_FAULTS else None
+    injected = None
+    if case.fault in CODE_FAULTS:
+        injected = code_fault(case.fault, CONFIGS[case.config].faulty_blocks)
     with injected or contextlib.nullcontext():
         return run_verification(
-            clean_source, converted, dtype=case.dtype, prompts=prompt_list, stream_layers=True
+            clean_source,
+            converted,
+            dtype=case.dtype,
+            prompts=prompts_for(case.config, prompt_list),
+            stream_layers=case.stream,
+            max_new_tokens=8,
+            **options,
         )
 
 
 def cases() -> list[Case]:
-    """Clean runs for every seed; every fault (seed 0); fp32 clean and weight faults."""
-    out = [Case(c, s, None) for c in CONFIGS for s in SEEDS]
-    out += [Case(c, 0, f) for c in CONFIGS for f in [*WEIGHT_FAULTS, *CODE_FAULTS]]
-    out += [Case(c, 0, None, "float32") for c in CONFIGS]
-    out += [Case("random", 0, f, "float32") for f in WEIGHT_FAULTS]
+    """Clean runs for every seed, whole and streamed; every fault of each config (seed 0),
+    whole and streamed; fp32 clean and weight faults."""
+    out = []
+    for stream in (True, False):
+        out += [Case(c, s, None, stream=stream) for c in CONFIGS for s in SEEDS]
+        out += [Case(c, 0, f, stream=stream) for c, spec in CONFIGS.items() for f in spec.faults]
+        out += [Case(c, 0, None, "float32", stream) for c in CONFIGS]
+        out += [Case("random", 0, f, "float32", stream) for f in WEIGHT_FAULTS]
     return out

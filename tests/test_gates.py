@@ -4,7 +4,7 @@ of tests/faults.py fails in exactly the blocks it was put in (README "Gates").""
 
 import pytest
 from faults import CODE_FAULTS, WEIGHT_FAULTS
-from gate_cases import CONFIGS, FAULTY_BLOCKS, SEEDS, Case, cases, prompts, run_case, write_source
+from gate_cases import CONFIGS, SEEDS, Case, cases, prompts, run_case, write_source
 
 pytestmark = pytest.mark.slow  # minutes: `make test-fast` leaves it out
 
@@ -45,15 +45,22 @@ def test_a_correct_port_passes(table, case):
 @pytest.mark.parametrize("case", [c for c in CASES if c.fault], ids=lambda c: c.id)
 def test_a_fault_fails_in_exactly_its_blocks(table, case):
     report = table(case)
+    faulty = CONFIGS[case.config].faulty_blocks
     assert report.verdict == "fail"
-    assert report.failing_blocks == FAULTY_BLOCKS, report.reasons[:6]
-    assert report.first_failing_layer == FAULTY_BLOCKS[0]
+    assert report.failing_blocks == faulty, report.reasons[:6]
+    assert report.first_failing_layer == faulty[0]
     for layer in report.layers:
-        assert bool(layer.failures) == (layer.index in FAULTY_BLOCKS), layer.failures
+        assert bool(layer.failures) == (layer.index in faulty), layer.failures
 
 
-def test_the_table_covers_every_fault_on_both_configs_and_the_clean_seeds():
-    faults = {(c.config, c.fault) for c in CASES if c.fault and c.dtype == "bfloat16"}
-    assert faults == {(c, f) for c in CONFIGS for f in [*WEIGHT_FAULTS, *CODE_FAULTS]}
-    clean = {(c.config, c.seed) for c in CASES if c.fault is None and c.dtype == "bfloat16"}
-    assert clean == {(c, s) for c in CONFIGS for s in SEEDS}
+def test_the_table_covers_every_fault_and_clean_seed_whole_and_streamed():
+    for stream in (True, False):
+        mode = [c for c in CASES if c.stream == stream and c.dtype == "bfloat16"]
+        faults = {(c.config, c.fault) for c in mode if c.fault}
+        assert {f for c, f in faults if c in ("random", "trained-like")} == {
+            *WEIGHT_FAULTS,
+            *CODE_FAULTS,
+        }
+        assert {c for c, _ in faults} == set(CONFIGS)
+        clean = {(c.config, c.seed) for c in mode if c.fault is None}
+        assert clean == {(c, s) for c in CONFIGS for s in SEEDS}

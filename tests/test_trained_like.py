@@ -36,7 +36,7 @@ def attention_to_first_token(model, hidden, block: int) -> float:
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-@pytest.mark.parametrize("args", [CONFIGS["trained-like"], TINY_ARGS], ids=["table", "demo"])
+@pytest.mark.parametrize("args", [CONFIGS["trained-like"].args, TINY_ARGS], ids=["table", "demo"])
 @torch.inference_mode()
 def test_massive_activations_at_the_first_token_and_sinks_after(args, seed):
     model = model_of(args, seed)

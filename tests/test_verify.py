@@ -76,8 +76,8 @@ def test_clean_conversion_passes_and_writes_the_report(clean, tmp_path):
     assert [p["kind"] for p in report["prompts"]] == ["text", "text", "tokens", "chat"]
     assert [p["bos"] for p in report["prompts"]] == [True, False, True, True]
     assert all(p["verdict"] == "pass" for p in report["prompts"])
-    pieces = {p["piece"] for p in report["layers"][0]["pieces"]}
-    assert pieces == {"attention_norm", "attention", "ffn_norm", "feed_forward", "block"}
+    pieces = [p["piece"] for p in report["layers"][0]["pieces"]]
+    assert pieces == ["attention_norm", "qkv", "attention", "ffn_norm", "feed_forward", "block"]
     assert report["generation"]["prompts"] and report["environment"]["versions"]["jax"]
     markdown = (report_dir / "report.md").read_text()
     assert markdown.startswith("# Parity report: PASS") and "| chat " in markdown

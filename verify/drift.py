@@ -1,16 +1,20 @@
-"""Free-running drift and teacher-forced per-piece errors of the port (DESIGN.md §5).
+"""Free-running drift and teacher-forced per-piece errors of the port (`docs/verification.md`).
 
 Streams: R32/R16 the reference in fp32/bf16, P32/P16 the port, each free-running on its own
 outputs. The streams in the verified dtype come from each whole model's own `forward_hidden`
 (one model resident at a time, `whole_model_states`); the others, and all of them with
-`--stream-layers`, are computed here block by block.
+`--stream-layers`, are computed here group by group through each implementation's own
+`run_group`.
 
-Teacher forcing, at every block and for every piece of it (`verify.runners.PIECES`):
-- bf16: the reference's bf16 block runs on its own state; the input of each of its pieces is
-  recorded and fed to the same piece of the port (bf16) and of the reference in fp32. The fp32
-  output is the truth both bf16 outputs are measured against (`ErrorSums`, scale-aware), so
-  `port16 ÷ ref16` says how much less accurate the port is than the reference's own bf16.
-- fp32: the same with the reference's fp32 pieces and inputs; the port must match to ~1e-7.
+Teacher forcing, group by group (the forward's scan steps) and for every piece each block
+declares (`checkpoint.pieces`), one implementation and dtype resident at a time:
+- bf16: the reference's bf16 block runs on its own state and records every value; each piece
+  of the port (bf16) and of the reference in fp32 is fed the recorded inputs of that piece.
+  The fp32 output is the truth both bf16 outputs are measured against (`ErrorSums`,
+  scale-aware), so `port16 ÷ ref16` says how much less accurate the port is than the
+  reference's own bf16.
+- fp32: the same with the reference's fp32 run; the port must match it to ~1e-7.
+Integer outputs (a router's chosen experts) are counted as disagreeing tokens (`MismatchSums`).
 """
 
 import dataclasses
@@ -19,17 +23,22 @@ from collections.abc import Callable
 import numpy as np
 
 from checkpoint.errors import CheckpointError
-from verify.metrics import ErrorSums, StateMetrics, error_scale, state_metrics
-from verify.runners import PIECES, JaxRunner, TorchRunner
+from checkpoint.pieces import BLOCK_OUTPUT
+from verify.implementation import WHOLE_BLOCK, Implementation, PieceOutputs, Values
+from verify.metrics import ErrorSums, MismatchSums, StateMetrics, error_scale, state_metrics
 
 States = dict[str, list[np.ndarray]]  # stream → one array per prompt
+REFERENCE_STREAMS = ("R16", "R32", "R64")
+PORT_STREAMS = ("P16", "P32")
 
 
 def streams_for(dtype: str) -> dict[str, str]:
-    """Stream name → dtype: fp32 always, bf16 too when verifying bf16."""
+    """Stream name → dtype: fp32 always, bf16 too when verifying bf16, and the reference in
+    float64 (the truth fp32 is judged against)."""
+    streams = {"R32": "float32", "P32": "float32", "R64": "float64"}
     if dtype == "bfloat16":
-        return {"R16": "bfloat16", "R32": "float32", "P16": "bfloat16", "P32": "float32"}
-    return {"R32": "float32", "P32": "float32"}
+        streams |= {"R16": "bfloat16", "P16": "bfloat16"}
+    return streams
 
 
 @dataclasses.dataclass
@@ -39,6 +48,10 @@ class PieceSums:
     port16: ErrorSums = dataclasses.field(default_factory=ErrorSums)  # vs fp32 ref, bf16 input
     ref16: ErrorSums = dataclasses.field(default_factory=ErrorSums)  # the reference's own
     port32: ErrorSums = dataclasses.field(default_factory=ErrorSums)  # vs fp32 ref, fp32 input
+    # Integer outputs: tokens whose values differ from the truth (bf16) or the reference (fp32).
+    port16_mismatch: MismatchSums = dataclasses.field(default_factory=MismatchSums)
+    ref16_mismatch: MismatchSums = dataclasses.field(default_factory=MismatchSums)
+    port32_mismatch: MismatchSums = dataclasses.field(default_factory=MismatchSums)
 
 
 @dataclasses.dataclass
@@ -50,6 +63,9 @@ class FreeSums:
     port32: ErrorSums = dataclasses.field(default_factory=ErrorSums)
     peer16: ErrorSums = dataclasses.field(default_factory=ErrorSums)
     peer32: ErrorSums = dataclasses.field(default_factory=ErrorSums)
+    # Against the float64 reference: the fp32 noise floor, and the port's fp32 error.
+    ref32_64: ErrorSums = dataclasses.field(default_factory=ErrorSums)
+    port32_64: ErrorSums = dataclasses.field(default_factory=ErrorSums)
 
 
 @dataclasses.dataclass
@@ -58,7 +74,7 @@ class LayerSums:
     index: int | None  # block index; None for embeddings and final norm
     free: StateMetrics  # port vs reference in the verified dtype, all prompts pooled
     free_prompts: list[FreeSums]
-    pieces: dict[str, list[PieceSums]]  # piece → per prompt (blocks only)
+    pieces: dict[str, list[PieceSums]]  # piece → per prompt (blocks only), declared order
 
 
 @dataclasses.dataclass
@@ -68,7 +84,7 @@ class Drift:
 
 
 def whole_model_states(
-    runner: TorchRunner | JaxRunner,
+    runner: Implementation,
     dtype: str,
     prompts: list[list[int]],
     then: Callable | None = None,
@@ -83,8 +99,8 @@ def whole_model_states(
 
 
 def drift(
-    ref: TorchRunner,
-    port: JaxRunner,
+    ref: Implementation,
+    port: Implementation,
     prompts: list[list[int]],
     dtype: str,
     whole: dict[str, tuple] | None = None,
@@ -94,14 +110,14 @@ def drift(
     """Every layer's free-running metrics and every block's teacher-forced piece errors.
 
     `whole[stream]`: `whole_model_states` of the streams in `dtype` (the others, and all of
-    them when `whole` is None, run block by block here).
+    them when `whole` is None, run group by group here).
     `peer[dtype][prompt]`: a third implementation's L+1 hidden states (embeddings, after each
     block but the last, final norm), compared free-running where they exist.
     """
     streams = streams_for(dtype)
-    runners = {s: ref if s[0] == "R" else port for s in streams}
+    runner_of = {"R16": ref, "R32": ref, "R64": ref, "P16": port, "P32": port}
     whole = whole or {}
-    stepped = [s for s in streams if s not in whole]  # computed block by block here
+    stepped = [s for s in streams if s not in whole]  # computed group by group here
     n_layers, bf16 = ref.args.n_layers, dtype == "bfloat16"
 
     def current(k: int, stepped_states: States) -> States:
@@ -112,44 +128,26 @@ def drift(
 
     embedded = {}
     for s in stepped:  # one embedding table at a time; the head is read again at the end
-        shell = runners[s].shell(streams[s])
-        embedded[s] = [runners[s].embed(shell, p) for p in prompts]
+        shell = runner_of[s].shell(streams[s])
+        embedded[s] = [runner_of[s].embed(shell, p) for p in prompts]
         del shell
     states = current(0, embedded)
     _check_reference(ref, states, "the embeddings")
     layers = [_layer("embeddings", None, states, dtype, {}, peer_at(0))]
-    for i in range(n_layers):
-        blocks = {s: runners[s].block(i, d) for s, d in streams.items()}
-        pieces = {name: [PieceSums() for _ in prompts] for name in PIECES}
-        following: States = {s: [] for s in stepped}
-        for j in range(len(prompts)):
-            if bf16:
-                inputs16, outputs16 = ref.traced(blocks["R16"], states["R16"][j])
-                truth = ref.pieces(blocks["R32"], inputs16)
-                port16 = port.pieces(blocks["P16"], inputs16)
-                for name, sums in pieces.items():
-                    scale = error_scale(truth[name])
-                    sums[j].port16.add(port16[name], truth[name], scale)
-                    sums[j].ref16.add(outputs16[name], truth[name], scale)
-                _append(following, "R16", outputs16["block"])
-            inputs32, outputs32 = ref.traced(blocks["R32"], states["R32"][j])
-            port32 = port.pieces(blocks["P32"], inputs32)
-            for name, sums in pieces.items():
-                sums[j].port32.add(port32[name], outputs32[name])
-            _append(following, "R32", outputs32["block"])
-            for s in {"P16", "P32"} & set(stepped):
-                following[s].append(port.run_block(blocks[s], states[s][j]))
-        states = current(i + 1, following)
-        _check_reference(ref, states, f"block {i}")
-        peer_block = peer_at(i + 1) if i < n_layers - 1 else None  # the peer's last is normed
-        layers.append(_layer(f"block {i}", i, states, dtype, pieces, peer_block))
-        del blocks  # this block's weights go before the next block is read
-        if on_block is not None:
-            on_block(i)
+    for g, group_layers in enumerate(ref.args.layer_groups):
+        run = _GroupRun(ref, port, g, len(group_layers), len(prompts), bf16)
+        after = run.forward(states, {s: whole[s][0] for s in whole}, group_layers[0], stepped)
+        for k, i in enumerate(group_layers):
+            states = current(i + 1, {s: [h[k] for h in after[s]] for s in stepped})
+            _check_reference(ref, states, f"block {i}")
+            peer_block = peer_at(i + 1) if i < n_layers - 1 else None  # the peer's last is normed
+            layers.append(_layer(f"block {i}", i, states, dtype, run.sums[k], peer_block))
+            if on_block is not None:
+                on_block(i)
     heads = {}
     for s in stepped:
-        shell = runners[s].shell(streams[s])
-        heads[s] = [runners[s].head(shell, h) for h in states[s]]
+        shell = runner_of[s].shell(streams[s])
+        heads[s] = [runner_of[s].head(shell, h) for h in states[s]]
         del shell
     normed = current(n_layers + 1, {s: [h[0] for h in heads[s]] for s in stepped})
     logits = {s: whole[s][1] for s in whole} | {s: [h[1] for h in heads[s]] for s in stepped}
@@ -159,9 +157,123 @@ def drift(
     return Drift(layers, logits)
 
 
-def _append(states: States, stream: str, value: np.ndarray) -> None:
-    if stream in states:
-        states[stream].append(value)
+class _GroupRun:
+    """One scan step's blocks judged, holding one implementation in one dtype at a time."""
+
+    def __init__(self, ref, port, g: int, size: int, n_prompts: int, bf16: bool):
+        self.ref, self.port, self.g, self.bf16 = ref, port, g, bf16
+        self.size, self.n_prompts = size, n_prompts
+        self.sums: list[dict[str, list[PieceSums]]] = [{} for _ in range(size)]
+
+    def forward(self, states: States, whole: dict, first: int, stepped: list[str]) -> States:
+        """Judge every block of the group; the stepped streams' states after each block."""
+        after: States = {s: [] for s in stepped}
+        prompts = range(self.n_prompts)
+        traced16: list[list[Values]] = []
+        if self.bf16:
+            traced16 = self._trace("R16", "bfloat16", states, whole, first)
+            _extend(after, "R16", _block_outputs(traced16))
+        group = self.ref.group(self.g, "float32")
+        truth = [[self.ref.pieces(group, k, t) for t in per] for k, per in enumerate(traced16)]
+        traced32 = self._trace_with(group, "R32", states, whole, first)
+        del group
+        _extend(after, "R32", _block_outputs(traced32))
+        if "R64" in after:  # free-running only: the truth fp32 is judged against
+            group = self.ref.group(self.g, "float64")
+            after["R64"] = [self.ref.run_group(group, h) for h in states["R64"]]
+            del group
+        for dtype, stream, traced in (("bfloat16", "P16", traced16), ("float32", "P32", traced32)):
+            if not traced:
+                continue
+            group = self.port.group(self.g, dtype)
+            outputs = [
+                [self.port.pieces(group, k, traced[k][j]) for j in prompts] for k in self._ks
+            ]
+            if stream in after:
+                after[stream] = [self.port.run_group(group, h) for h in states[stream]]
+            del group
+            for k in self._ks:
+                for j in prompts:
+                    if stream == "P16":
+                        self._add16(k, j, outputs[k][j], traced[k][j], truth[k][j])
+                    else:
+                        self._add32(k, j, outputs[k][j], traced[k][j])
+        return after
+
+    @property
+    def _ks(self) -> range:
+        return range(self.size)
+
+    def _trace(self, stream, dtype, states, whole, first) -> list[list[Values]]:
+        group = self.ref.group(self.g, dtype)
+        traced = self._trace_with(group, stream, states, whole, first)
+        del group
+        return traced
+
+    def _trace_with(self, group, stream, states, whole, first) -> list[list[Values]]:
+        """traced[k][j]: block k's recorded run on prompt j, fed the stream's own state (from
+        its whole forward where there is one, else the previous block's traced output)."""
+        traced: list[list[Values]] = [[] for _ in self._ks]
+        for j in range(self.n_prompts):
+            h = states[stream][j]
+            for k in self._ks:
+                if stream in whole and k > 0:
+                    h = whole[stream][j][first + k]
+                traced[k].append(self.ref.trace(group, k, h))
+                h = traced[k][j][BLOCK_OUTPUT]
+        return traced
+
+    def _piece_sums(self, k: int, name: str) -> list[PieceSums]:
+        return self.sums[k].setdefault(name, [PieceSums() for _ in range(self.n_prompts)])
+
+    def _add16(self, k, j, port: PieceOutputs, traced: Values, truth: PieceOutputs) -> None:
+        for name, outputs in port.items():
+            sums = self._piece_sums(k, name)[j]
+            for output, value in outputs.items():
+                reference = _reference_output(traced, name, output)
+                exact = truth[name][output]
+                if _is_integer(exact):
+                    sums.port16_mismatch.add(value, exact)
+                    sums.ref16_mismatch.add(reference, exact)
+                    continue
+                scale = error_scale(_tokens(exact))
+                sums.port16.add(_tokens(value), _tokens(exact), scale)
+                sums.ref16.add(_tokens(reference), _tokens(exact), scale)
+
+    def _add32(self, k, j, port: PieceOutputs, traced: Values) -> None:
+        for name, outputs in port.items():
+            sums = self._piece_sums(k, name)[j]
+            for output, value in outputs.items():
+                reference = _reference_output(traced, name, output)
+                if _is_integer(reference):
+                    sums.port32_mismatch.add(value, reference)
+                else:
+                    sums.port32.add(_tokens(value), _tokens(reference))
+
+
+def _reference_output(traced: Values, piece: str, output: str) -> np.ndarray:
+    """The reference's own value of a piece's output in its recorded run."""
+    return traced[BLOCK_OUTPUT if piece == WHOLE_BLOCK else output]
+
+
+def _tokens(x: np.ndarray) -> np.ndarray:
+    """One row per token (the sequence axis first), whatever the value's shape."""
+    return x.reshape(len(x), -1)
+
+
+def _is_integer(x: np.ndarray) -> bool:
+    return np.issubdtype(np.asarray(x).dtype, np.integer)
+
+
+def _block_outputs(traced: list[list[Values]]) -> list[list[np.ndarray]]:
+    """Per prompt, each block's output in a group's recorded runs (`traced[k][j]`)."""
+    return [[per_block[j][BLOCK_OUTPUT] for per_block in traced] for j in range(len(traced[0]))]
+
+
+def _extend(after: States, stream: str, per_prompt: list[list[np.ndarray]]) -> None:
+    """Record a stream's per-prompt states after each block, when it is stepped here."""
+    if stream in after:
+        after[stream] = per_prompt
 
 
 def free_sums(states: States, peer: dict | None = None) -> list[FreeSums]:
@@ -170,6 +282,10 @@ def free_sums(states: States, peer: dict | None = None) -> list[FreeSums]:
     for j, truth in enumerate(states["R32"]):
         sums, scale = FreeSums(), error_scale(truth)
         sums.port32.add(states["P32"][j], truth, scale)
+        if "R64" in states:
+            exact = states["R64"][j]
+            sums.ref32_64.add(truth, exact, scale)
+            sums.port32_64.add(states["P32"][j], exact, scale)
         if "R16" in states:
             sums.ref16.add(states["R16"][j], truth, scale)
             sums.port16.add(states["P16"][j], truth, scale)
@@ -180,11 +296,11 @@ def free_sums(states: States, peer: dict | None = None) -> list[FreeSums]:
     return out
 
 
-def _check_reference(ref: TorchRunner, states: States, where: str) -> None:
+def _check_reference(ref: Implementation, states: States, where: str) -> None:
     """A reference that is itself non-finite is bad input, not a verdict on the port."""
     for s, per_prompt in states.items():
         for j, x in enumerate(per_prompt):
-            if s[0] == "R" and not np.isfinite(x).all():
+            if s in REFERENCE_STREAMS and not np.isfinite(x).all():
                 raise CheckpointError(
                     ref.loader.folder,
                     f"the reference's own {'bf16' if s == 'R16' else 'fp32'} output at {where} "

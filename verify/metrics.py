@@ -27,40 +27,124 @@ def error_scale(truth: np.ndarray) -> np.ndarray:
 
 @dataclasses.dataclass
 class ErrorSums:
-    """Running sums of scaled squared errors of x against a truth (a mutable accumulator).
+    """Running sums of scaled squared errors of x against a truth, kept per token (a mutable
+    accumulator; x and truth are (tokens, …)).
 
     Non-finite values of x where the truth is finite are counted and make the error infinite.
     """
 
-    squares: float = 0.0
-    count: int = 0
+    token_squares: list[np.ndarray] = dataclasses.field(default_factory=list)  # per add()
+    token_sizes: list[int] = dataclasses.field(default_factory=list)  # elements per token
     nonfinite: int = 0
 
     def add(self, x, truth, scale: np.ndarray | None = None) -> None:
         """Add x's errors; `scale`: `error_scale(truth)`, when already computed.
 
         float32 throughout (x − truth of two float32 values within a factor 2 is exact; the
-        rest is a yardstick), accumulated in float64."""
-        x, truth = np.asarray(x, np.float32), np.asarray(truth, np.float32)
+        rest is a yardstick), or float64 against a float64 truth; accumulated in float64."""
+        precise = np.asarray(truth).dtype == np.float64
+        dtype = np.float64 if precise else np.float32
+        x, truth = np.asarray(x, dtype), np.asarray(truth, dtype)
+        x, truth = x.reshape(len(x), -1), truth.reshape(len(truth), -1)
         bad = ~np.isfinite(x)
         self.nonfinite += int(bad.sum())
-        self.count += x.size
-        if bad.any():
-            self.squares = float("inf")
-        else:
-            scaled = (x - truth) / (error_scale(truth) if scale is None else scale)
-            self.squares += float(np.sum(np.square(scaled), dtype=np.float64))
+        scale = error_scale(truth) if scale is None else np.reshape(scale, (len(x), -1))
+        with np.errstate(invalid="ignore", over="ignore"):
+            scaled = np.where(bad, np.inf, (x - truth) / scale)
+        self.token_squares.append(np.sum(np.square(scaled), axis=-1, dtype=np.float64))
+        self.token_sizes.append(x.shape[1])
 
     def __iadd__(self, other: "ErrorSums") -> "ErrorSums":
-        self.squares += other.squares
-        self.count += other.count
+        self.token_squares += other.token_squares
+        self.token_sizes += other.token_sizes
         self.nonfinite += other.nonfinite
         return self
+
+    @property
+    def count(self) -> int:
+        """Elements added."""
+        return sum(len(s) * n for s, n in zip(self.token_squares, self.token_sizes, strict=True))
+
+    @property
+    def squares(self) -> float:
+        return float(sum(np.sum(s) for s in self.token_squares))
+
+    def token_means(self) -> np.ndarray:
+        """Each token's mean scaled squared error, in the order added."""
+        if not self.token_squares:
+            return np.zeros(0)
+        sizes = [
+            np.full(len(s), n) for s, n in zip(self.token_squares, self.token_sizes, strict=True)
+        ]
+        return np.concatenate(self.token_squares) / np.concatenate(sizes)
 
     @property
     def rms(self) -> float:
         """RMS scaled error (inf if x was non-finite anywhere)."""
         return float(np.sqrt(self.squares / self.count)) if self.count else 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenRatio:
+    """A bf16 ratio over tokens, how many tokens it effectively rests on, and how much the
+    ratio varies from token to token (robust σ: 1.4826 × the median absolute deviation)."""
+
+    value: float
+    effective_tokens: float
+    token_spread: float
+
+
+def token_weighted_ratio(port: ErrorSums, ref: ErrorSums, cap: float) -> TokenRatio:
+    """port's RMS error ÷ ref's over the same tokens, no token weighing more than `cap`
+    typical tokens: where the reference's own error on a token exceeds `cap` × its median over
+    the tokens (a catastrophic cancellation, where both bf16 paths round a huge intermediate
+    apart), both errors on that token are scaled down by the same factor, so its ratio counts
+    as `cap` tokens' worth. The effective number of tokens, (Σ w·b)² / Σ (w·b)², says how far
+    the ratio is from resting on a single token (`ratio`'s conventions for zeros)."""
+    a, b = port.token_means(), ref.token_means()
+    if len(a) != len(b):
+        raise ValueError("port and reference errors cover different tokens")
+    if not len(a):
+        return TokenRatio(0.0, 0.0, 0.0)
+    typical = float(np.median(b))
+    weights = np.ones_like(b)
+    heavy = b > cap * typical
+    weights[heavy] = cap * typical / b[heavy]
+    with np.errstate(invalid="ignore"):
+        numerator = float(np.sum(weights * a))
+    floor = weights * b
+    total = float(np.sum(floor))
+    effective = total**2 / float(np.sum(floor**2)) if total > 0 else float(len(b))
+    rated = (b > 0) & np.isfinite(a)
+    per_token = np.sqrt(a[rated] / b[rated])
+    spread = (
+        1.4826 * float(np.median(np.abs(per_token - np.median(per_token)))) if rated.any() else 0.0
+    )
+    return TokenRatio(ratio(float(np.sqrt(numerator)), float(np.sqrt(total))), effective, spread)
+
+
+@dataclasses.dataclass
+class MismatchSums:
+    """Running count of tokens whose integer values (a router's chosen experts, as a set)
+    differ from the truth's."""
+
+    differing: int = 0
+    count: int = 0
+
+    def add(self, x, truth) -> None:
+        x, truth = np.asarray(x), np.asarray(truth)
+        x, truth = np.sort(x.reshape(len(x), -1), -1), np.sort(truth.reshape(len(truth), -1), -1)
+        self.differing += int(np.any(x != truth, axis=-1).sum())
+        self.count += len(x)
+
+    def __iadd__(self, other: "MismatchSums") -> "MismatchSums":
+        self.differing += other.differing
+        self.count += other.count
+        return self
+
+    @property
+    def fraction(self) -> float:
+        return self.differing / self.count if self.count else 0.0
 
 
 def scaled_error(x, truth) -> float:

@@ -10,8 +10,7 @@ from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global sta
 from tabulate import tabulate
 
 from checkpoint.errors import CheckpointError
-from verify.results import REPORT_FORMAT, GenerationResult, LayerResult, Report
-from verify.runners import PIECES
+from verify.results import REPORT_FORMAT, GenerationResult, LayerResult, PieceResult, Report
 
 REPORT_FILES = ("report.md", "report.json", "drift.png")
 
@@ -156,6 +155,7 @@ def _layers_section(r: Report) -> list[str]:
             _g(layer.free_floor),
             _g(layer.free_bf16_ratio),
             _g(layer.free_fp32_error),
+            _g(layer.free_fp32_ratio),
             _g(block.bf16_ratio if block else None),
             _worst_piece(layer),
             _g(fp32_tf),
@@ -171,36 +171,74 @@ def _layers_section(r: Report) -> list[str]:
         "floor",
         "free ÷ref",
         "free fp32",
+        "free fp32 ÷ref",
         "TF block ÷ref",
         "TF worst piece ÷ref",
         "TF fp32",
     ]
     if peer:
         headers += [f"{peer} ÷ref", f"{peer} fp32"]
+    peer_note = [
+        f"*{peer} ÷ref / fp32*: the {peer} peer (free-running) vs the reference; its last "
+        "block's output comes normed, so it is shown at the final norm. The peer offers only "
+        "its whole forward, so it is not judged piece by piece.",
+        "",
+    ]
     return [
         "## Per-layer drift",
         "",
         "*free*: each model runs on its own outputs (*rel L2*, *max|Δ|*: port vs reference in "
-        f"{r.dtype}). *floor*: the reference's own bf16 error against its fp32 run; *÷ref*: the "
-        "port's bf16 error against the same fp32 truth divided by the reference's (≈1 or below "
-        "is ideal). *TF* (teacher-forced): every piece of the block (attention_norm, attention, "
-        "ffn_norm, feed_forward, and the whole block) gets the reference's own bf16 input to "
-        "that piece, so only that piece can differ; the gate is on every piece. Errors are "
-        "scale-aware: each element's error relative to |truth| plus its token's median "
-        "|truth|, so a few massive activations cannot dominate. *fp32*: port vs reference, "
-        "both fp32.",
+        f"{r.dtype}). *floor*: the reference's own bf16 error against its fp32 run; *÷ref*: "
+        "the port's bf16 error against the same fp32 truth divided by the reference's (≈1 or "
+        "below is ideal). *TF* (teacher-forced): every piece the block declares (next table), "
+        "and the whole block, gets the reference's own bf16 input to that piece, so only that "
+        "piece can differ; the gate is on every piece. Errors are scale-aware: each element's "
+        "error relative to |truth| plus its token's median |truth|, so a few massive "
+        "activations cannot dominate. *fp32*: port vs reference, both fp32; *fp32 ÷ref*: the "
+        "port's fp32 error against the reference run in float64, ÷ the reference's own fp32 "
+        "error against it (fp32 rounding grows with depth for both alike).",
         "",
         tabulate(rows, headers=[*headers, "gate"], tablefmt="github"),
         "",
-    ] + (
-        [
-            f"*{peer} ÷ref / fp32*: the {peer} peer (free-running) vs the reference; its last "
-            "block's output comes normed, so it is shown at the final norm.",
-            "",
+        *(peer_note if peer else []),
+        *_pieces_section(r),
+    ]
+
+
+def _mismatch(piece: PieceResult, bf16: bool) -> float:
+    return piece.integer_mismatch_bf16 if bf16 else piece.integer_mismatch_fp32
+
+
+def _pieces_section(r: Report) -> list[str]:
+    """One column per piece the blocks declare (`checkpoint.pieces`), in declared order."""
+    names = list(dict.fromkeys(p.piece for layer in r.layers for p in layer.pieces))
+    bf16 = r.dtype == "bfloat16"
+    rows = []
+    for layer in r.layers:
+        by_name = {p.piece: p for p in layer.pieces}
+        cells = []
+        for name in names:
+            piece = by_name.get(name)
+            cells.append(
+                "" if piece is None else _g(piece.bf16_ratio if bf16 else piece.fp32_error)
+            )
+        mismatch = [
+            f"{p.piece} {100 * _mismatch(p, bf16):.1f} %"
+            for p in layer.pieces
+            if p.integer_mismatch_fp32 is not None
         ]
-        if peer
-        else []
-    )
+        rows.append([layer.name, *cells, ", ".join(mismatch)])
+    what = "bf16 error ÷ the reference's own" if bf16 else "fp32 error"
+    lines = [
+        "## Teacher-forced pieces",
+        "",
+        f"Each piece of each block on the reference's own input to it: {what}. Integer outputs "
+        "(a router's chosen experts): tokens whose values differ from the fp32 truth.",
+        "",
+        tabulate(rows, headers=["layer", *names, "integer outputs"], tablefmt="github"),
+        "",
+    ]
+    return lines
 
 
 def _logits_section(r: Report) -> list[str]:
@@ -254,12 +292,29 @@ def _generation_section(gen: GenerationResult | None) -> list[str]:
         ]
         for i, p in enumerate(gen.prompts)
     ]
+    baseline = []
+    if gen.reference_fp32_top1 is not None:
+        peer = f", the peer's bf16 run {100 * gen.peer_top1:.1f} %" if gen.peer_top1 else ""
+        baseline.append(
+            f"The reference's own fp32 run agrees with its bf16 continuation on "
+            f"{100 * gen.reference_fp32_top1:.1f} %{peer}: a faithful bf16 port may disagree "
+            f"on at most {gen.allowed_disagreements} of {gen.tokens} tokens."
+        )
+    elif gen.fp32_logit_noise is not None:
+        baseline.append(
+            f"fp32: {gen.near_ties} of the {gen.disagreements} disagreements are near-ties (the "
+            f"reference prefers its token by less than 4× its own fp32 noise, "
+            f"{gen.fp32_logit_noise:.2g} in logits); none other is allowed."
+        )
     return [
         "## Generation (greedy)",
         "",
         f"{gen.exact_match_prompts}/{len(gen.prompts)} prompts identical over "
         f"{gen.max_new_tokens} tokens; teacher-forced top-1 agreement along the "
-        f"reference's continuation: {100 * gen.teacher_forced_top1:.1f} %.",
+        f"reference's continuation: {100 * gen.teacher_forced_top1:.1f} % "
+        f"({gen.disagreements} of {gen.tokens} tokens differ).",
+        "",
+        *baseline,
         "",
         tabulate(
             rows,
@@ -291,8 +346,11 @@ def plot_drift(r: Report, path: Path) -> None:
     top.set_ylabel("free-running error vs fp32 reference")
     top.legend(fontsize=7)
     blocks = x[:-1]
-    for piece in PIECES:
-        ratios = [next(p.bf16_ratio for p in e.pieces if p.piece == piece) for e in r.layers]
+    names = dict.fromkeys(p.piece for layer in r.layers for p in layer.pieces)  # declared order
+    for piece in names:
+        ratios = [
+            next((p.bf16_ratio for p in e.pieces if p.piece == piece), None) for e in r.layers
+        ]
         if any(v is not None for v in ratios):
             style = "s-" if piece == "block" else ".-"
             bottom.plot(blocks, _plottable(ratios), style, label=piece, alpha=0.8)

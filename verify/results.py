@@ -13,12 +13,20 @@ REPORT_FORMAT = "mistral-jax-port.report/1"
 class PieceResult:
     """One piece of one block, teacher-forced (see verify/drift.py)."""
 
-    piece: str  # attention_norm, attention, ffn_norm, feed_forward or block
+    piece: str  # as the block declares it (`checkpoint.pieces`), or "block": the whole block
     bf16_ratio: float | None  # port bf16 error ÷ reference bf16 error, same input and truth
+    bf16_limit: float | None  # its gate (wider when it rests on few tokens, verify/gates.py)
     fp32_error: float  # scale-aware error of the port in fp32
     nonfinite: int  # NaN/Inf values in the port's outputs
     prompt_bf16_ratios: tuple[float, ...]
+    prompt_bf16_limits: tuple[float, ...]
     prompt_fp32_errors: tuple[float, ...]
+    # Integer outputs (a router's chosen experts): fraction of tokens whose values differ from
+    # the fp32 truth (port bf16, reference bf16) or from the reference (port fp32); None if the
+    # piece has none.
+    integer_mismatch_bf16: float | None = None
+    integer_mismatch_ref16: float | None = None
+    integer_mismatch_fp32: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,7 +36,8 @@ class LayerResult:
     free: StateMetrics  # free-running, port vs reference in the verified dtype
     free_floor: float | None  # the reference's own bf16 error (scale-aware), free-running
     free_bf16_ratio: float | None  # port bf16 error ÷ that floor
-    free_fp32_error: float
+    free_fp32_error: float  # the port against the reference, both fp32
+    free_fp32_ratio: float | None  # the port's fp32 error vs float64 ÷ the reference's own
     free_nonfinite: int
     peer_bf16_ratio: float | None
     peer_fp32_error: float | None
@@ -53,6 +62,7 @@ class LogitResult:
     floor: float | None
     bf16_ratio: float | None
     fp32_error: float
+    fp32_ratio: float | None  # the port's fp32 error vs float64 ÷ the reference's own
     nonfinite: int
     peer: PeerLogits | None
     failures: tuple[str, ...]
@@ -78,6 +88,9 @@ class GenerationPrompt:
     matched_prefix: int
     first_divergence: int | None
     teacher_forced_top1: float
+    # At each token the port's top-1 differs from the reference's continuation: how much the
+    # reference preferred its own token (logit gap).
+    flip_gaps: tuple[float, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +98,16 @@ class GenerationResult:
     max_new_tokens: int
     exact_match_prompts: int
     prompts: tuple[GenerationPrompt, ...]
-    teacher_forced_top1: float
+    teacher_forced_top1: float  # the port's top-1 agreement along the reference's continuation
+    tokens: int  # continuation tokens judged
+    disagreements: int  # of them, where the port's top-1 differs
+    # bf16: the reference's own fp32 run along its bf16 continuation, and the peer's bf16 run.
+    reference_fp32_top1: float | None = None
+    peer_top1: float | None = None
+    # fp32: disagreements where the reference's gap is within its own fp32 noise (near-ties).
+    near_ties: int = 0
+    fp32_logit_noise: float | None = None  # max |reference fp32 − float64| logit, prompts
+    allowed_disagreements: int | None = None  # beyond near-ties; more fails
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,16 +1,17 @@
-"""Both models, driven through the pieces their own forward is made of: `embed`, each block
-(and, inside it, `attention_norm`, `attention`, `ffn_norm`, `feed_forward`), `head`. Verify
-calls these and nothing else, so what it judges is the code users run.
+"""The torch reference and the JAX port as `verify.implementation.Implementation`s: driven only
+through the pieces their own forward is made of (`embed`, the scan's groups of blocks, each
+block's declared pieces, `head`), so what verify judges is the code users run.
 
 `TorchRunner` reads the reference's weights with torch's own readers
 (`reference_torch.loading`), `JaxRunner` the converted folder with the port's loader
-(`model_jax.loading`): two independent paths to the bytes. Each can load the whole model (its
-own `forward_hidden` gives the free-running states and logits) or one block at a time.
-Hidden states cross between them as float32 numpy arrays (exact for bf16 values).
+(`model_jax.loading`): two independent paths to the bytes. Neither knows which pieces a block
+has: each asks its block (`pieces()`), so a new kind of block is judged piece by piece with no
+change here.
 """
 
 import functools
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
@@ -20,13 +21,14 @@ import torch
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 import model_jax
+import model_jax.model as jax_model
 import reference_torch
+from checkpoint.dtypes import jax_dtype, torch_dtype
+from checkpoint.pieces import BLOCK_INPUT, BLOCK_OUTPUT, recorded, run_pieces
 from model_jax.generate import bucket
 from model_jax.loading import PortLoader, skeleton
 from reference_torch.loading import ReferenceLoader
-
-SUBLAYERS = ("attention_norm", "attention", "ffn_norm", "feed_forward")
-PIECES = (*SUBLAYERS, "block")  # "block": the block's own forward on its input
+from verify.implementation import WHOLE_BLOCK, PieceOutputs, Values
 
 
 def padded_length(n: int) -> int:
@@ -35,11 +37,20 @@ def padded_length(n: int) -> int:
     return bucket(n, 64) if n <= 512 else -(-n // 256) * 256
 
 
-Pieces = dict[str, np.ndarray]
+class Group(NamedTuple):
+    """One scan step's blocks as an implementation holds them, and their compute dtype."""
+
+    blocks: Any
+    dtype: Any
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
-    return t.detach().float().cpu().numpy()
+    """Floats as float32 (exact for bf16) or float64, integers as they are; the batch axis
+    dropped."""
+    t = t.detach()[0]
+    if t.is_floating_point() and t.dtype != torch.float64:
+        t = t.float()
+    return t.cpu().numpy()
 
 
 class TorchRunner:
@@ -48,8 +59,6 @@ class TorchRunner:
     def __init__(self, folder: Path, device: str):
         self.loader = ReferenceLoader(folder)
         self.args, self.device = self.loader.args, device
-        with torch.device("meta"):  # for `rotary`, which needs the config only
-            self._shape_only = reference_torch.Transformer(self.args)
 
     def model(self, dtype: str) -> reference_torch.Transformer:
         return self.loader.model(dtype=dtype, device=self.device)
@@ -57,77 +66,77 @@ class TorchRunner:
     def shell(self, dtype: str) -> reference_torch.Transformer:
         return self.loader.shell(dtype=dtype, device=self.device)
 
-    def block(self, i: int, dtype: str) -> reference_torch.model.TransformerBlock:
-        return self.loader.block(i, dtype=dtype, device=self.device)
+    def group(self, g: int, dtype: str) -> Group:
+        blocks = [
+            self.loader.block(i, dtype=dtype, device=self.device) for i in self.args.layer_groups[g]
+        ]
+        return Group(blocks, torch_dtype(dtype))
 
-    def _tensor(self, x: np.ndarray, like: torch.nn.Module) -> torch.Tensor:
-        dtype = next(like.parameters()).dtype
-        return torch.from_numpy(x).to(device=self.device, dtype=dtype)[None]
+    def _tensor(self, x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        """x on the device with a batch axis: floats in `dtype`, integers as they are."""
+        t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
+        return (t.to(dtype) if t.is_floating_point() else t)[None]
+
+    def _context(self, n: int, dtype: torch.dtype) -> dict:
+        """What the model's own forward gives every block: its `rotary` at 0…n-1."""
+        positions = torch.arange(n, device=self.device)
+        rope = _shape_only(self.args, dtype).rotary(positions)
+        return {"rope": rope, "positions": positions, "cached": None}
 
     @torch.inference_mode()
     def forward_hidden(self, model, tokens: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
         logits, hidden = model.forward_hidden(torch.tensor([tokens], device=self.device))
-        return [_numpy(h[0]) for h in hidden], _numpy(logits[0])
+        return [_numpy(h) for h in hidden], _numpy(logits)
 
     @torch.inference_mode()
     def embed(self, shell, tokens: list[int]) -> np.ndarray:
-        return _numpy(shell.embed(torch.tensor([tokens], device=self.device))[0])
+        return _numpy(shell.embed(torch.tensor([tokens], device=self.device)))
 
     @torch.inference_mode()
     def head(self, shell, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        normed, logits = shell.head(self._tensor(h, shell.norm))
-        return _numpy(normed[0]), _numpy(logits[0])
-
-    def _rotary(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = torch.arange(n, device=self.device)
-        return self._shape_only.rotary(positions), positions
+        normed, logits = shell.head(self._tensor(h, shell.norm.weight.dtype))
+        return _numpy(normed), _numpy(logits)
 
     @torch.inference_mode()
-    def run_block(self, block, h: np.ndarray) -> np.ndarray:
-        cis, positions = self._rotary(h.shape[0])
-        return _numpy(block(self._tensor(h, block), cis, positions)[0][0])
+    def run_group(self, group, h: np.ndarray) -> list[np.ndarray]:
+        context = self._context(len(h), group.dtype)
+        x = self._tensor(h, group.dtype)
+        outs = []
+        for block in group.blocks:
+            x = block(x, context["rope"], context["positions"])[0]
+            outs.append(_numpy(x))
+        return outs
 
     @torch.inference_mode()
-    def traced(self, block, h: np.ndarray) -> tuple[Pieces, Pieces]:
-        """Run the block's own forward on `h`; the input and output of each of its pieces."""
-        cis, positions = self._rotary(h.shape[0])
-        seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-        def recorder(name):
-            def hook(module, inputs, output):
-                seen[name] = (inputs[0], output[0] if isinstance(output, tuple) else output)
-
-            return hook
-
-        handles = [getattr(block, n).register_forward_hook(recorder(n)) for n in SUBLAYERS]
-        try:
-            x = self._tensor(h, block)
-            out = block(x, cis, positions)[0]
-        finally:
-            for handle in handles:
-                handle.remove()
-        inputs = {n: _numpy(seen[n][0][0]) for n in SUBLAYERS} | {"block": _numpy(x[0])}
-        outputs = {n: _numpy(seen[n][1][0]) for n in SUBLAYERS} | {"block": _numpy(out[0])}
-        return inputs, outputs
+    def trace(self, group, k: int, x: np.ndarray) -> Values:
+        block = group.blocks[k]
+        inputs = {BLOCK_INPUT: self._tensor(x, group.dtype)}
+        values = run_pieces(block.pieces(), inputs | self._context(len(x), group.dtype))
+        return {name: _numpy(value) for name, value in recorded(values).items()}
 
     @torch.inference_mode()
-    def pieces(self, block, inputs: Pieces) -> Pieces:
-        """Each piece of the block run on its given input (teacher forcing)."""
-        cis, positions = self._rotary(inputs["block"].shape[0])
-        x = {name: self._tensor(value, block) for name, value in inputs.items()}
-        out = {
-            "attention_norm": block.attention_norm(x["attention_norm"]),
-            "attention": block.attention(x["attention"], cis, positions)[0],
-            "ffn_norm": block.ffn_norm(x["ffn_norm"]),
-            "feed_forward": block.feed_forward(x["feed_forward"]),
-            "block": block(x["block"], cis, positions)[0],
-        }
-        return {name: _numpy(value[0]) for name, value in out.items()}
+    def pieces(self, group, k: int, values: Values) -> PieceOutputs:
+        block = group.blocks[k]
+        given = {name: self._tensor(value, group.dtype) for name, value in values.items()}
+        given |= self._context(len(values[BLOCK_INPUT]), group.dtype)
+        out = {p.name: p(given) for p in block.pieces() if p.judged}
+        whole = block(given[BLOCK_INPUT], given["rope"], given["positions"])[0]
+        out[WHOLE_BLOCK] = {BLOCK_OUTPUT: whole}
+        return {name: {o: _numpy(v) for o, v in outputs.items()} for name, outputs in out.items()}
+
+
+@functools.cache
+def _shape_only(args, dtype: torch.dtype) -> reference_torch.Transformer:
+    """The reference on the meta device in `dtype`: its `rotary` needs the config only."""
+    with torch.device("meta"):
+        return reference_torch.Transformer(args).to(dtype)
 
 
 class JaxRunner:
     """The port (converted folder), on JAX's default device; with a mesh, weights sharded and
-    activations replicated."""
+    activations replicated. Sequences are padded at the end to a length bucket (the model is
+    causal: padding cannot change earlier positions), so prompts of similar lengths share one
+    compilation, as `model_jax.generate` does."""
 
     def __init__(self, folder: Path, mesh: Mesh | None = None):
         self.loader = PortLoader(folder)
@@ -139,27 +148,28 @@ class JaxRunner:
     def shell(self, dtype: str) -> model_jax.Transformer:
         return self.loader.shell(dtype=dtype, mesh=self.mesh)
 
-    def block(self, i: int, dtype: str) -> model_jax.model.TransformerBlock:
-        return self.loader.block(i, dtype=dtype, mesh=self.mesh)
+    def group(self, g: int, dtype: str) -> Group:
+        return Group(self.loader.group(g, dtype=dtype, mesh=self.mesh), jnp.dtype(jax_dtype(dtype)))
 
     def _place(self, x: np.ndarray, dtype) -> jax.Array:
-        """`x` on the device (replicated over the mesh), its sequence padded at the end to a
-        length bucket: the model is causal, so padding cannot change earlier positions, and
-        prompts of similar lengths share one compilation (as `model_jax.generate` does)."""
-        padded = np.zeros((padded_length(x.shape[0]), *x.shape[1:]), jnp.dtype(dtype))
-        padded[: x.shape[0]] = x  # cast on the host: no device program per shape
+        """x on the device (replicated over the mesh), padded to its length bucket; floats in
+        `dtype` (cast on the host: no device program per shape), integers as int32."""
+        dtype = jnp.dtype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.int32
+        padded = np.zeros((padded_length(x.shape[0]), *x.shape[1:]), dtype)
+        padded[: x.shape[0]] = x
         if self.mesh is None:  # on the default device, as the model's own callers place it
             return jax.device_put(padded)
         return jax.device_put(padded, NamedSharding(self.mesh, PartitionSpec()))
 
     @staticmethod
     def _fetch(x: jax.Array, n: int) -> np.ndarray:
-        return np.asarray(x, np.float32)[..., :n, :]
+        x = np.asarray(x)
+        return (x.astype(np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x)[:n]
 
     def forward_hidden(self, model, tokens: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
         logits, hidden = model.forward_hidden(self._place(np.asarray(tokens), jnp.int32))
         n = len(tokens)
-        return list(self._fetch(hidden, n)), self._fetch(logits, n)
+        return [self._fetch(h, n) for h in hidden], self._fetch(logits, n)
 
     def embed(self, shell, tokens: list[int]) -> np.ndarray:
         placed = self._place(np.asarray(tokens), jnp.int32)
@@ -169,18 +179,22 @@ class JaxRunner:
         normed, logits = _head(shell, self._place(h, shell.dtype))
         return self._fetch(normed, len(h)), self._fetch(logits, len(h))
 
-    def run_block(self, block, h: np.ndarray) -> np.ndarray:
-        dtype = block.attention_norm.weight.dtype
-        run = _compiled(self.args, jnp.dtype(dtype))[1]
-        return self._fetch(run(block, self._place(h, dtype)), len(h))
+    def run_group(self, group, h: np.ndarray) -> list[np.ndarray]:
+        outs = _compiled(self.args, group.dtype).run_group(
+            group.blocks, self._place(h, group.dtype)
+        )
+        return [self._fetch(out, len(h)) for out in outs]
 
-    def pieces(self, block, inputs: Pieces) -> Pieces:
-        """Each piece of the block run on its given input (teacher forcing)."""
-        dtype = block.attention_norm.weight.dtype
-        placed = {name: self._place(value, dtype) for name, value in inputs.items()}
-        out = _compiled(self.args, jnp.dtype(dtype))[0](block, placed)
-        n = len(inputs["block"])
-        return {name: self._fetch(value, n) for name, value in out.items()}
+    def trace(self, group, k: int, x: np.ndarray) -> Values:
+        placed = self._place(x, group.dtype)
+        values = _compiled(self.args, group.dtype).trace(group.blocks, k, placed)
+        return {name: self._fetch(value, len(x)) for name, value in values.items()}
+
+    def pieces(self, group, k: int, values: Values) -> PieceOutputs:
+        placed = {name: self._place(value, group.dtype) for name, value in values.items()}
+        out = _compiled(self.args, group.dtype).pieces(group.blocks, k, placed)
+        n = len(values[BLOCK_INPUT])
+        return {name: {o: self._fetch(v, n) for o, v in outputs.items()} for name, outputs in out}
 
 
 @eqx.filter_jit
@@ -193,30 +207,44 @@ def _head(shell, h):
     return shell.head(h)
 
 
+class _Compiled:
+    """The jitted group, trace and pieces of one config and dtype, each building its `rope`
+    context with the model's own `rotary` (on a shape-only skeleton) and taking block k out of
+    the group with the forward's own `group_block` (looked up on the module when traced, as
+    the forward's scan does)."""
+
+    def __init__(self, args, dtype):
+        self.pattern = args.window_pattern
+        self.shape_only = skeleton(args, dtype)
+        self.run_group = eqx.filter_jit(self._run_group)
+        self.trace = eqx.filter_jit(self._trace)
+        self.pieces = eqx.filter_jit(self._pieces)
+
+    def _context(self, n: int) -> dict:
+        positions = jnp.arange(n)
+        return {"rope": self.shape_only.rotary(positions), "positions": positions, "cached": None}
+
+    def _run_group(self, group, x):
+        context = self._context(x.shape[0])
+        return jax_model.run_group(group, self.pattern, x, context["rope"], context["positions"])[0]
+
+    def _block(self, group, k):
+        return jax_model.group_block(group, k, self.pattern[k])
+
+    def _trace(self, group, k, x):
+        block = self._block(group, k)
+        values = run_pieces(block.pieces(), {BLOCK_INPUT: x} | self._context(x.shape[0]))
+        return recorded(values)
+
+    def _pieces(self, group, k, values):
+        block = self._block(group, k)
+        given = values | self._context(values[BLOCK_INPUT].shape[0])
+        out = [(p.name, p(given)) for p in block.pieces() if p.judged]  # a list keeps the order
+        whole = block(given[BLOCK_INPUT], given["rope"], given["positions"])[0]
+        return [*out, (WHOLE_BLOCK, {BLOCK_OUTPUT: whole})]
+
+
 @functools.cache
-def _compiled(args, dtype):
-    """The jitted pieces and block for one config and dtype, closing over the model's
-    shape-only skeleton (for its own `rotary`): compiled once per process, not per runner."""
-    shape_only = skeleton(args, dtype)
-    return (
-        eqx.filter_jit(functools.partial(_pieces, shape_only)),
-        eqx.filter_jit(functools.partial(_block, shape_only)),
-    )
-
-
-def _block(shape_only, block, x):
-    positions = jnp.arange(x.shape[0])
-    cos, sin = shape_only.rotary(positions)
-    return block(x, cos, sin, positions)[0]
-
-
-def _pieces(shape_only, block, x):
-    positions = jnp.arange(x["block"].shape[0])
-    cos, sin = shape_only.rotary(positions)
-    return {
-        "attention_norm": block.attention_norm(x["attention_norm"]),
-        "attention": block.attention(x["attention"], cos, sin, positions)[0],
-        "ffn_norm": block.ffn_norm(x["ffn_norm"]),
-        "feed_forward": block.feed_forward(x["feed_forward"]),
-        "block": block(x["block"], cos, sin, positions)[0],
-    }
+def _compiled(args, dtype) -> _Compiled:
+    """Compiled once per process and config, not per runner."""
+    return _Compiled(args, dtype)
