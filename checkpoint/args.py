@@ -18,31 +18,30 @@ from pathlib import Path
 from typing import Any
 
 from checkpoint.errors import CheckpointError, read_json
+from checkpoint.sections import (
+    MAX_SIZE,
+    Llama4ScalingArgs,
+    MoeArgs,
+    QuantizationArgs,
+    YarnArgs,
+    from_section,
+)
+
+__all__ = ["MAX_SIZE", "ModelArgs", "MoeArgs", "cache_slots"]
 
 # Keys some params.json files carry that describe the runtime, not the weights.
-IGNORED_KEYS = frozenset({"max_batch_size", "max_seq_len"})
-# Keys mistral-inference reads that change the model in ways these models do not implement.
-UNSUPPORTED_KEYS = {
-    "lora": "LoRA adapters",
-    "vision_encoder": "a vision encoder (multimodal model)",
-    "quantization": "quantized weights",
+IGNORED_KEYS = frozenset({"max_batch_size"})
+# Keys that change the model in ways these models do not implement.
+UNSUPPORTED_KEYS = {"lora": "LoRA adapters"}
+# The sections of a params.json, each a dataclass (checkpoint/sections.py).
+SECTIONS = {
+    "moe": MoeArgs,
+    "yarn": YarnArgs,
+    "llama_4_scaling": Llama4ScalingArgs,
+    "quantization": QuantizationArgs,
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class MoeArgs:
-    """Mixtral's `moe` block: route each token to the top `num_experts_per_tok` experts."""
-
-    num_experts: int
-    num_experts_per_tok: int
-
-    def __post_init__(self):
-        _check_positive_ints(self, ("num_experts", "num_experts_per_tok"))
-        if self.num_experts_per_tok > self.num_experts:
-            raise ValueError(
-                f"moe.num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
-                f"moe.num_experts ({self.num_experts})"
-            )
+# `multimodal` may hold a vision encoder (carried beside the text decoder); audio is refused.
+MULTIMODAL_KEYS = {"vision_encoder_args": None, "whisper_model_args": "an audio encoder (Voxtral)"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +60,16 @@ class ModelArgs:
     sliding_window: int | tuple[int | None, ...] | None = None
     rope_theta: float = 10000.0
     moe: MoeArgs | None = None
+    # 2025–26 releases (checkpoint/sections.py, docs/formats.md).
+    max_position_embeddings: int | None = None  # positions past it are refused
+    max_seq_len: int | None = None  # some releases carry both (reported, not used)
+    yarn: YarnArgs | None = None
+    llama_4_scaling: Llama4ScalingArgs | None = None
+    tied_embeddings: bool = False  # the head is the embedding table (no output.weight)
+    quantization: QuantizationArgs | None = None  # FP8 linears (scales beside them)
+    # A vision encoder beside the text decoder: carried, not modelled (compared as equal).
+    vision_encoder: dict | None = dataclasses.field(default=None, compare=False, hash=False)
+    multimodal: dict | None = dataclasses.field(default=None, compare=False, hash=False)
 
     def __post_init__(self):
         if self.head_dim is None and isinstance(self.n_heads, int) and self.n_heads > 0:
@@ -90,8 +99,30 @@ class ModelArgs:
             )
         if self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
-        if self.moe is not None and not isinstance(self.moe, MoeArgs):
-            raise ValueError(f"moe must be MoeArgs, got {type(self.moe).__name__}")
+        for name, section in SECTIONS.items():
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, section):
+                raise ValueError(f"{name} must be {section.__name__}, got {type(value).__name__}")
+        for name in ("max_position_embeddings", "max_seq_len"):
+            if getattr(self, name) is not None:
+                _check_positive_ints(self, (name,))
+        if not isinstance(self.tied_embeddings, bool):
+            raise ValueError(f"tied_embeddings must be true or false, got {self.tied_embeddings!r}")
+        if self.vision_encoder is not None and not isinstance(self.vision_encoder, dict):
+            raise ValueError("vision_encoder must be an object")
+        if self.multimodal is not None:
+            _check_multimodal(self.multimodal)
+
+    @property
+    def has_vision(self) -> bool:
+        """Whether the folder declares a vision encoder (its weights are carried)."""
+        return self.vision_encoder is not None or bool(
+            (self.multimodal or {}).get("vision_encoder_args")
+        )
+
+    def text_only(self) -> "ModelArgs":
+        """The same text decoder without the vision encoder."""
+        return dataclasses.replace(self, vision_encoder=None, multimodal=None)
 
     @property
     def layer_windows(self) -> tuple[int | None, ...]:
@@ -146,16 +177,9 @@ class ModelArgs:
         values = {k: v for k, v in params.items() if k in known}
         if values.get("rope_theta", 0) is None:
             values.pop("rope_theta")
-        if values.get("moe") is not None:
-            moe = values["moe"]
-            if not isinstance(moe, dict):
-                raise ValueError(f"moe must be an object, got {moe!r}")
-            moe_known = {f.name for f in dataclasses.fields(MoeArgs)}
-            extra = sorted(set(moe) - moe_known)
-            missing = sorted(moe_known - set(moe))
-            if extra or missing:
-                raise ValueError(f"moe: unknown key(s) {extra}, missing key(s) {missing}")
-            values["moe"] = MoeArgs(**moe)
+        for name, section in SECTIONS.items():
+            if values.get(name) is not None:
+                values[name] = from_section(section, values[name], name)
         missing = sorted(
             f.name
             for f in dataclasses.fields(cls)
@@ -188,6 +212,16 @@ class ModelArgs:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+def _check_multimodal(value) -> None:
+    if not isinstance(value, dict):
+        raise ValueError("multimodal must be an object")
+    for key in value:
+        if key not in MULTIMODAL_KEYS:
+            raise ValueError(f"multimodal: unknown key {key!r}")
+        if MULTIMODAL_KEYS[key] and value[key] is not None:
+            raise ValueError(f"multimodal.{key} is unsupported ({MULTIMODAL_KEYS[key]})")
+
+
 def _check_windows(window, n_layers: int) -> None:
     """An int > 0, None, or a non-empty list of those dividing n_layers."""
 
@@ -212,11 +246,6 @@ def cache_slots(window: int | None, capacity: int) -> int:
     """KV-cache slots a layer with this window needs for sequences of up to `capacity` tokens
     (mistral-inference `get_cache_sizes`): W for a window of W keys, else the capacity."""
     return min(capacity, window) if window else capacity
-
-
-# Far above every release (Large 2: dim 12288, 88 layers, vocab 131072), far below what would
-# overflow or exhaust memory in arithmetic on them.
-MAX_SIZE = 2**20
 
 
 def _check_positive_ints(obj: object, names: tuple[str, ...]) -> None:

@@ -13,7 +13,7 @@ from checkpoint.args import ModelArgs
 from checkpoint.errors import CheckpointError, read_json
 from checkpoint.pth import read_pth_table
 from checkpoint.safetensors_file import read_safetensors_table
-from checkpoint.spec import check_against_spec, tensor_spec
+from checkpoint.spec import Roles, classify, tensor_spec
 from checkpoint.tensors import TensorRecord
 
 PTH_NAME = "consolidated.00.pth"
@@ -27,8 +27,9 @@ OFFICIAL_WEIGHTS = (PTH_NAME, SAFETENSORS_NAME, CONSOLIDATED_INDEX_NAME)
 class CheckpointFolder:
     path: Path
     args: ModelArgs
-    tensors: dict[str, TensorRecord]  # in spec order
+    tensors: dict[str, TensorRecord]  # the text decoder's in spec order, then the others
     weights: tuple[Path, ...]  # the weight files the tensors come from
+    roles: Roles  # FP8 scales, carried vision tensors, unused scales
 
 
 def weights_entry(folder: Path) -> Path:
@@ -59,16 +60,26 @@ def open_folder(folder: str | Path) -> CheckpointFolder:
     else:
         reader = read_pth_table if blame.suffix == ".pth" else read_safetensors_table
         tensors, weights = reader(blame), (blame,)
-    raise_spec_problems(blame, {k: r.shape for k, r in tensors.items()}, args)
-    return CheckpointFolder(folder, args, {k: tensors[k] for k in tensor_spec(args)}, weights)
+    roles = raise_spec_problems(blame, {k: (r.shape, r.dtype) for k, r in tensors.items()}, args)
+    return CheckpointFolder(folder, args, in_spec_order(tensors, args), weights, roles)
 
 
-def raise_spec_problems(path: Path, shapes: dict[str, tuple[int, ...]], args: ModelArgs) -> None:
-    """CheckpointError naming the first problem (and how many more) if shapes miss the spec."""
-    problems = check_against_spec(shapes, args)
+def in_spec_order(tensors: dict, args: ModelArgs) -> dict:
+    """The text decoder's tensors in spec order, then the others in file order."""
+    text = tensor_spec(args)
+    return {k: tensors[k] for k in text} | {k: v for k, v in tensors.items() if k not in text}
+
+
+def raise_spec_problems(
+    path: Path, found: dict[str, tuple[tuple[int, ...], str]], args: ModelArgs
+) -> Roles:
+    """The tensors' roles (`checkpoint.spec.classify`); CheckpointError naming the first
+    problem (and how many more) if they miss the spec."""
+    roles, problems = classify(found, args)
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise CheckpointError(path, problems[0] + more)
+    return roles
 
 
 def read_weight_map(index_path: Path) -> dict[str, str]:

@@ -13,6 +13,7 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "F16": np.dtype(np.float16),
     "F32": np.dtype(np.float32),
     "F64": np.dtype(np.float64),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),  # FP8 weights (2025–26 releases)
 }
 
 

@@ -100,6 +100,61 @@ def random_state_dict(
     return state
 
 
+FP8_MAX = 448.0  # the largest finite float8_e4m3fn
+
+
+def quantize_fp8(
+    state: dict[str, torch.Tensor], names, *, per_row: bool = False, scalar: bool = False
+) -> dict[str, torch.Tensor]:
+    """`state` with the weights `names` stored as the mistral format's FP8: X.weight in
+    float8_e4m3fn, X.qscale_weight (per tensor: shape [1], or 0-d with `scalar`, or one per
+    output row with `per_row`) and X.qscale_act (a static activation scale, unused here)."""
+    out = dict(state)
+    for name in names:
+        weight = state[name].float()
+        base = name.removesuffix(".weight")
+        if per_row:
+            scale = weight.abs().amax(dim=1).clamp(min=1e-12) / FP8_MAX
+            quantized = weight / scale[:, None]
+        else:
+            scale = (weight.abs().max().clamp(min=1e-12) / FP8_MAX).reshape(() if scalar else 1)
+            quantized = weight / scale
+        out[name] = quantized.to(torch.float8_e4m3fn)
+        out[f"{base}.qscale_weight"] = scale.to(torch.float32)
+        out[f"{base}.qscale_act"] = torch.tensor(0.05 if scalar else [0.05])
+    return out
+
+
+# A tiny vision encoder's params.json section and tensors, under the real prefixes: what a
+# multimodal folder keeps beside the text decoder (carried, never modelled).
+TINY_VISION_ENCODER = {
+    "hidden_size": 16,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "intermediate_size": 32,
+    "patch_size": 2,
+    "image_size": 8,
+    "num_channels": 3,
+    "rope_theta": 10000.0,
+    "image_token_id": 10,
+}
+
+
+def vision_state(args: ModelArgs, *, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed + 31)
+    shapes = {
+        "vision_encoder.patch_conv.weight": (16, 3, 2, 2),
+        "vision_encoder.ln_pre.weight": (16,),
+        "vision_encoder.transformer.layers.0.attention.wq.weight": (16, 16),
+        "vision_encoder.transformer.layers.0.feed_forward.w1.weight": (32, 16),
+        "pre_mm_projector_norm.weight": (16,),
+        "patch_merger.merging_layer.weight": (16, 64),
+        "vision_language_adapter.w_in.weight": (args.dim, 16),
+        "vision_language_adapter.w_out.weight": (args.dim, args.dim),
+    }
+    return {name: torch.randn(shape, generator=gen) for name, shape in shapes.items()}
+
+
 WEIGHTS_FORMATS = ("pth", "safetensors", "split-safetensors")
 
 
@@ -141,7 +196,8 @@ def write_tiny_checkpoint(
     args.to_json(folder / "params.json")
     if state is None:
         state = random_state_dict(args, seed=seed, logit_std=logit_std)
-    state = {k: v.to(dtype) for k, v in state.items()}
+    # Floating tensors in `dtype`; FP8 weights and their float32 scales stay as they are.
+    state = {k: v if _keeps_dtype(k, v) else v.to(dtype) for k, v in state.items()}
     if weights_format == "pth":
         torch.save(state, folder / PTH_NAME)
     elif weights_format == "safetensors":
@@ -155,3 +211,7 @@ def write_tiny_checkpoint(
     if tokenizer is not False:
         copy_tokenizer(folder, args.vocab_size, tokenizer)
     return folder
+
+
+def _keeps_dtype(name: str, tensor: torch.Tensor) -> bool:
+    return tensor.dtype == torch.float8_e4m3fn or name.endswith(("qscale_weight", "qscale_act"))

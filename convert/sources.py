@@ -10,10 +10,16 @@ import numpy as np
 
 from checkpoint.args import ModelArgs
 from checkpoint.errors import CheckpointError, read_json
-from checkpoint.folder import INDEX_NAME, open_folder, raise_spec_problems, read_sharded_table
+from checkpoint.folder import (
+    INDEX_NAME,
+    in_spec_order,
+    open_folder,
+    raise_spec_problems,
+    read_sharded_table,
+)
 from checkpoint.hf import args_from_hf_config, from_hf_names, halves_to_interleaved, rotary_heads
 from checkpoint.safetensors_file import read_safetensors_table
-from checkpoint.spec import tensor_spec
+from checkpoint.spec import Roles
 from checkpoint.tensors import TensorRecord
 
 Transform = Callable[[np.ndarray], np.ndarray]
@@ -27,6 +33,7 @@ class Source:
     tensors: dict[str, TensorRecord]  # official name → bytes, in spec order
     transforms: dict[str, Transform]  # official name → fix-up of the stored array (HF wq/wk)
     weights: tuple[Path, ...]
+    roles: Roles
 
 
 def is_hf_folder(folder: Path) -> bool:
@@ -37,7 +44,13 @@ def open_source(folder: Path) -> Source:
     if not is_hf_folder(folder):
         checkpoint = open_folder(folder)
         return Source(
-            folder, "official", checkpoint.args, checkpoint.tensors, {}, checkpoint.weights
+            folder,
+            "official",
+            checkpoint.args,
+            checkpoint.tensors,
+            {},
+            checkpoint.weights,
+            checkpoint.roles,
         )
     config_path = folder / "config.json"
     config = read_json(config_path)
@@ -65,10 +78,9 @@ def open_source(folder: Path) -> Source:
             )
         if "tok_embeddings.weight" in tensors:
             tensors["output.weight"] = tensors["tok_embeddings.weight"]
-    raise_spec_problems(blame, {k: r.shape for k, r in tensors.items()}, args)
+    roles = raise_spec_problems(blame, {k: (r.shape, r.dtype) for k, r in tensors.items()}, args)
     transforms = {}
     for name in tensors:
         if heads := rotary_heads(name, args):
             transforms[name] = lambda w, h=heads: halves_to_interleaved(w, h)
-    ordered = {k: tensors[k] for k in tensor_spec(args)}
-    return Source(folder, "hf", args, ordered, transforms, weights)
+    return Source(folder, "hf", args, in_spec_order(tensors, args), transforms, weights, roles)

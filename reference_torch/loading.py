@@ -20,6 +20,7 @@ from checkpoint.dtypes import torch_dtype
 from checkpoint.errors import CheckpointError, describe, reading
 from checkpoint.folder import raise_spec_problems, read_weight_map, weights_entry
 from checkpoint.pth import check_pickle_size
+from checkpoint.spec import FP8, layer_spec, tensor_spec
 from reference_torch.model import Transformer, TransformerBlock, make_block
 
 SHELL_KEYS = ("tok_embeddings.weight", "norm.weight", "output.weight")
@@ -55,9 +56,17 @@ class _Tensors:
                 tensors |= {name: state[name] for name in wanted}
             yield tensors
 
-    def shapes(self) -> dict[str, tuple[int, ...]]:
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """name → (shape, safetensors dtype name)."""
         with self.read(list(self.files)) as tensors:
-            return {name: tuple(t.shape) for name, t in tensors.items()}
+            return {name: (tuple(t.shape), _dtype_name(t.dtype)) for name, t in tensors.items()}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    names = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+    return names.get(dtype) or {torch.float64: "F64", torch.float8_e4m3fn: FP8}.get(
+        dtype, str(dtype)
+    )
 
 
 @contextlib.contextmanager
@@ -101,6 +110,12 @@ def _safetensors_state(path: Path) -> Iterator[Mapping[str, torch.Tensor]]:
             raise CheckpointError(path, f"not a valid safetensors file ({describe(err)})") from None
 
 
+def dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """An FP8 weight's real values: fp8 × scale, the product in float32 (HF's loader does the
+    same; the JAX model too, inside its matmul). A per-row scale scales its row."""
+    return weight.float() * scale.float().reshape(-1, 1)
+
+
 class ReferenceLoader:
     """The weights of an official (or converted) folder, for the reference, in pieces."""
 
@@ -108,7 +123,9 @@ class ReferenceLoader:
         self.folder = Path(folder)
         self.args = ModelArgs.from_json(self.folder / "params.json")
         self._tensors = _Tensors(self.folder)
-        raise_spec_problems(self._tensors.source, self._tensors.shapes(), self.args)
+        self.roles = raise_spec_problems(self._tensors.source, self._tensors.shapes(), self.args)
+        # weight name → its scale: FP8 weights are dequantized as they are read
+        self._scales = {w: s for s, w in self.roles.weight_scales.items()}
 
     @property
     def weight_files(self) -> tuple[Path, ...]:
@@ -119,10 +136,13 @@ class ReferenceLoader:
     ) -> None:
         """Copy the checkpoint tensors `names` (module key → checkpoint key) into `module`;
         CheckpointError naming the first tensor that holds NaN or Inf."""
-        with self._tensors.read(list(names.values())) as tensors:
+        scales = [self._scales[n] for n in names.values() if n in self._scales]
+        with self._tensors.read([*names.values(), *scales]) as tensors:
             state = {}
             for key, name in names.items():
                 tensor = tensors[name]
+                if name in self._scales:
+                    tensor = dequantize(tensor, tensors[self._scales[name]])
                 if not torch.isfinite(tensor).all():
                     raise CheckpointError(self._tensors.files[name], f"tensor {name} is not finite")
                 state[key] = tensor.to(device=device, dtype=torch_dtype(dtype), copy=True)
@@ -132,7 +152,7 @@ class ReferenceLoader:
         """The whole model, strict on keys and shapes."""
         with torch.device("meta"):
             model = Transformer(self.args)
-        names = {name: name for name in self._tensors.files}
+        names = {name: name for name in tensor_spec(self.args)}
         self._assign(model, names, dtype, device)
         return model.eval().requires_grad_(False)
 
@@ -140,7 +160,8 @@ class ReferenceLoader:
         """Embeddings, final norm and head loaded; the blocks stay on the meta device."""
         with torch.device("meta"):
             model = Transformer(self.args)
-        self._assign(model, {name: name for name in SHELL_KEYS}, dtype, device, strict=False)
+        shell = {n: n for n in SHELL_KEYS if n in tensor_spec(self.args)}
+        self._assign(model, shell, dtype, device, strict=False)
         return model.eval().requires_grad_(False)
 
     def block(
@@ -150,6 +171,6 @@ class ReferenceLoader:
         with torch.device("meta"):
             block = make_block(self.args, i)
         prefix = f"layers.{i}."
-        names = {n[len(prefix) :]: n for n in self._tensors.files if n.startswith(prefix)}
+        names = {name: prefix + name for name in layer_spec(self.args)}
         self._assign(block, names, dtype, device)
         return block.eval().requires_grad_(False)

@@ -1,0 +1,154 @@
+"""The nested sections of a params.json (`moe`, `yarn`, `llama_4_scaling`, `quantization`),
+each a frozen dataclass whose fields are the section's keys, validated on construction.
+
+Keys a section does not declare are refused by name; keys that are deployment hints (how to
+spread experts over devices) are listed in the section's `HINTS` and accepted with no effect.
+Sources for the meanings: mistral-inference `args.py` (moe), HF transformers
+`ministral3`/`mistral4` and vLLM's mistral-format loader (`configs/mistral.py`) for the
+2025–26 keys (`docs/formats.md`).
+"""
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+
+def positive_int(obj: object, name: str, *, zero: bool = False) -> None:
+    value = getattr(obj, name)
+    low = 0 if zero else 1
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(
+            f"{name} must be a {'non-negative' if zero else 'positive'} integer, got {value!r}"
+        )
+    if value > MAX_SIZE:
+        raise ValueError(f"{name} {value} is beyond any model this toolkit can load")
+
+
+def positive_number(obj: object, name: str) -> None:
+    value = getattr(obj, name)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+
+
+# Far above every release (Large 2: dim 12288, 88 layers; contexts of 1M positions), far below
+# what would overflow or exhaust memory in arithmetic on them.
+MAX_SIZE = 2**22
+
+
+def from_section(cls, value: Any, section: str):
+    """`cls` built from a params.json section; ValueError naming unknown or missing keys."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{section} must be an object, got {value!r:.60}")
+    hints = getattr(cls, "HINTS", frozenset())
+    known = {f.name for f in dataclasses.fields(cls)}
+    extra = sorted(set(value) - known - hints)
+    if extra:
+        raise ValueError(f"{section}: unknown key(s) {', '.join(extra)}")
+    missing = sorted(
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.name not in value
+    )
+    if missing:
+        raise ValueError(f"{section}: missing key(s) {', '.join(missing)}")
+    try:
+        return cls(**{k: v for k, v in value.items() if k in known})
+    except ValueError as err:
+        raise ValueError(f"{section}: {err}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class MoeArgs:
+    """The `moe` block. Mixtral: route each token to the top `num_experts_per_tok` experts by
+    gate logit, softmax over those k."""
+
+    num_experts: int
+    num_experts_per_tok: int
+
+    def __post_init__(self):
+        positive_int(self, "num_experts")
+        positive_int(self, "num_experts_per_tok")
+        if self.num_experts_per_tok > self.num_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
+                f"num_experts ({self.num_experts})"
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class YarnArgs:
+    """YaRN context extension (`yarn`): NTK-by-parts frequencies between the fast and slow
+    rotation bounds `beta` and `alpha` (vLLM: beta_fast, beta_slow) over the original length,
+    and the attention factor 0.1·ln(factor) + 1 on cos/sin unless `apply_scale` is false
+    (absent: true, vLLM's reading)."""
+
+    factor: float
+    original_max_position_embeddings: int
+    beta: float = 32.0
+    alpha: float = 1.0
+    apply_scale: bool = True
+
+    def __post_init__(self):
+        positive_number(self, "factor")
+        positive_int(self, "original_max_position_embeddings")
+        positive_number(self, "beta")
+        positive_number(self, "alpha")
+        if not isinstance(self.apply_scale, bool):
+            raise ValueError(f"apply_scale must be true or false, got {self.apply_scale!r}")
+        if self.alpha >= self.beta:
+            raise ValueError(f"alpha ({self.alpha}) must be below beta ({self.beta})")
+
+    @property
+    def magnitude(self) -> float:
+        """YaRN's magnitude correction 0.1·ln(factor) + 1 (1 for factor ≤ 1)."""
+        return 1.0 if self.factor <= 1 else 0.1 * math.log(self.factor) + 1.0
+
+    @property
+    def attention_factor(self) -> float:
+        """What cos and sin are multiplied by: the magnitude correction if `apply_scale`."""
+        return self.magnitude if self.apply_scale else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama4ScalingArgs:
+    """Llama-4 attention (query temperature) scaling: q × (1 + β·ln(1 + ⌊pos / original⌋))."""
+
+    original_max_position_embeddings: int
+    beta: float
+
+    def __post_init__(self):
+        positive_int(self, "original_max_position_embeddings")
+        if (
+            isinstance(self.beta, bool)
+            or not isinstance(self.beta, int | float)
+            or not math.isfinite(self.beta)
+            or self.beta < 0
+        ):
+            raise ValueError(f"beta must be a finite number ≥ 0, got {self.beta!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationArgs:
+    """Mistral-format FP8 (`quantization`): quantized linears store `X.weight` as
+    float8_e4m3fn with `X.qscale_weight` (weight = fp8 × scale) and `X.qscale_act`, a static
+    activation scale (TENSOR) or none (NO_SCALES)."""
+
+    qformat_weight: str
+    qscheme_act: str = "TENSOR"
+    FORMATS: ClassVar[tuple[str, ...]] = ("fp8_e4m3",)
+    SCHEMES: ClassVar[tuple[str, ...]] = ("TENSOR", "NO_SCALES")
+
+    def __post_init__(self):
+        if self.qformat_weight not in self.FORMATS:
+            raise ValueError(
+                f"qformat_weight {self.qformat_weight!r} is unsupported (only fp8_e4m3)"
+            )
+        if self.qscheme_act not in self.SCHEMES:
+            raise ValueError(
+                f"qscheme_act {self.qscheme_act!r} is unsupported (TENSOR or NO_SCALES)"
+            )
