@@ -66,7 +66,11 @@ class ModelArgs:
     yarn: YarnArgs | None = None
     llama_4_scaling: Llama4ScalingArgs | None = None
     tied_embeddings: bool = False  # the head is the embedding table (no output.weight)
-    quantization: QuantizationArgs | None = None  # FP8 linears (scales beside them)
+    # FP8 linears (scales beside them): how the weights are stored, not what they compute,
+    # so a dequantized copy describes the same model (compared as equal).
+    quantization: QuantizationArgs | None = dataclasses.field(
+        default=None, compare=False, hash=False
+    )
     # A vision encoder beside the text decoder: carried, not modelled (compared as equal).
     vision_encoder: dict | None = dataclasses.field(default=None, compare=False, hash=False)
     multimodal: dict | None = dataclasses.field(default=None, compare=False, hash=False)

@@ -43,7 +43,7 @@ FIRING = 8  # block-1 units that write the massive channels
 SINK_GAIN = 2.5  # q and k weight of the slowest RoPE pair (score bonus ≈ 8 on the first token)
 EMBEDDING_DELIMITER = 2.0  # the marker channel of delimiter tokens
 ERASED_REMAINDER = 0.05  # the erasing block leaves this fraction of the delimiter's activation
-FLAT_LOGIT_STD = 1.0  # `flat`: logits of std 1 (peaked models: 8)
+FLAT_LOGIT_STD = 0.25  # `flat`: logits of std 0.25 (peaked models: 8): near-tie top-1s
 DELIMITERS = (".", ",", "\n")
 # The short prompt whose delimiter (token 2, after BOS) the eraser is calibrated on.
 CALIBRATION_TEXT = "Yes. The capital of France is"

@@ -113,7 +113,7 @@ def generate(
 def _batch_placement(model: Transformer, batch: int):
     """Where batch-leading arrays go: split over the mesh's "data" axis when the weights live
     on a mesh whose data axis divides the batch, else the default device."""
-    mesh = getattr(getattr(model.output.weight, "sharding", None), "mesh", None)
+    mesh = getattr(getattr(model.norm.weight, "sharding", None), "mesh", None)
     data = dict(mesh.shape).get("data", 1) if isinstance(mesh, Mesh) else 1
     if data == 1 or batch % data:
         return jax.device_put

@@ -9,25 +9,83 @@ the next leaf is read. With a mesh, every device's slice is read on its own
 """
 
 import dataclasses
+import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
 from checkpoint.args import ModelArgs
 from checkpoint.dtypes import jax_dtype
-from checkpoint.folder import open_folder
-from model_jax.model import Transformer, TransformerBlock
+from checkpoint.errors import CheckpointError
+from checkpoint.folder import CheckpointFolder, open_folder
+from checkpoint.spec import tensor_spec
+from model_jax.model import Linear, Transformer, TransformerBlock
 from model_jax.sharding import sharded_array
 from model_jax.structure import LeafSpec, leaf_specs
 
 
-def skeleton(args: ModelArgs, dtype) -> Transformer:
-    """The model with every parameter a `jax.ShapeDtypeStruct`: shapes only, no memory."""
-    return eqx.filter_eval_shape(Transformer.zeros, args, jax_dtype(dtype))
+def skeleton(args: ModelArgs, dtype, fp8: dict[str, int] | None = None) -> Transformer:
+    """The model with every parameter a `jax.ShapeDtypeStruct`: shapes only, no memory.
+    `fp8`: the linear weights stored in FP8 (checkpoint name, `{layers}` for the layer
+    number → scales per tensor: 1, or one per row), each given its `qscale_weight`."""
+    shapes = eqx.filter_eval_shape(Transformer.zeros, args, jax_dtype(dtype))
+    for spec in leaf_specs(shapes):
+        if spec.name in (fp8 or {}):
+            shape = _leaf(shapes, spec.path).shape
+            scales = (*shape[: len(spec.stacks)], fp8[spec.name])
+            quantized = eqx.filter_eval_shape(
+                lambda s=shape, c=scales: Linear(
+                    jnp.zeros(s, jnp.float8_e4m3fn), jnp.ones(c, jnp.float32)
+                )
+            )
+            shapes = eqx.tree_at(lambda m, p=spec.path[:-1]: _leaf(m, p), shapes, quantized)
+    return shapes
+
+
+def _leaf(tree, path):
+    for key in path:
+        tree = getattr(tree, key.name)
+    return tree
+
+
+def fp8_weights(checkpoint: CheckpointFolder) -> dict[str, int]:
+    """The FP8 linear weights of a folder, by name with `{layers}` (`{experts}`) for the
+    numbers, and how many scales each has; CheckpointError where layers disagree (the blocks
+    are stacked: every layer must store a linear alike)."""
+    quantized = {w: s for s, w in checkpoint.roles.weight_scales.items()}
+    by_template: dict[str, list[str]] = {}
+    for name in tensor_spec(checkpoint.args):
+        by_template.setdefault(_template(name), []).append(name)
+    fp8 = {}
+    for template, names in by_template.items():
+        sizes = {
+            math.prod(checkpoint.tensors[quantized[n]].shape) if n in quantized else None
+            for n in names
+        }
+        if len(sizes) > 1:
+            raise CheckpointError(
+                checkpoint.path,
+                f"{template.replace('{', '').replace('}', '')}: stored in FP8 in some layers "
+                "and not in others, or with scales of different shapes (the JAX model stacks "
+                "its layers alike)",
+            )
+        if (size := sizes.pop()) is not None:
+            fp8[template] = size or 1  # a 0-d scale is one scale
+    return fp8
+
+
+def _template(name: str) -> str:
+    """`layers.3.attention.wq.weight` → `layers.{layers}.attention.wq.weight`."""
+    return _TEMPLATE.sub(lambda m: f"{m[1]}.{{{m[1]}}}.", name)
+
+
+_TEMPLATE = re.compile(r"(layers|experts)\.\d+\.")
 
 
 class PortLoader:
@@ -36,21 +94,28 @@ class PortLoader:
     def __init__(self, folder: str | Path):
         self.checkpoint = open_folder(folder)
         self.args = self.checkpoint.args
+        self.fp8 = fp8_weights(self.checkpoint)
         self.sizes = {"layers": self.args.n_layers}
         if self.args.moe is not None:
             self.sizes["experts"] = self.args.moe.num_experts
 
+    def skeleton(self, dtype, args: ModelArgs | None = None) -> Transformer:
+        """This folder's model as shapes, FP8 where the folder stores FP8."""
+        return skeleton(args or self.args, dtype, self.fp8)
+
     def model(self, *, dtype="bfloat16", mesh: Mesh | None = None) -> Transformer:
-        """Every parameter in `dtype`; every tensor of the checkpoint placed exactly once."""
-        model, used = self._fill(skeleton(self.args, dtype), mesh, lambda spec: True)
-        unused = sorted(set(self.checkpoint.tensors) - used)
-        assert not unused, f"checkpoint tensors not placed in the model: {unused}"
+        """Every parameter in `dtype` (FP8 weights stay FP8); every tensor of the text
+        decoder and every weight scale placed exactly once."""
+        model, used = self._fill(self.skeleton(dtype), mesh, lambda spec: True)
+        roles = self.checkpoint.roles
+        wanted = set(tensor_spec(self.args)) | set(roles.weight_scales)
+        assert used == wanted, f"tensors not placed in the model: {sorted(wanted - used)}"
         return model
 
     def shell(self, *, dtype="bfloat16", mesh: Mesh | None = None) -> Transformer:
         """Embeddings, final norm and head loaded; the blocks are shapes only (nothing
         allocated), for running the model one block at a time."""
-        model, _ = self._fill(skeleton(self.args, dtype), mesh, lambda s: "layers" not in s.stacks)
+        model, _ = self._fill(self.skeleton(dtype), mesh, lambda s: "layers" not in s.stacks)
         return model
 
     def group(self, g: int, *, dtype="bfloat16", mesh: Mesh | None = None) -> TransformerBlock:
@@ -58,7 +123,7 @@ class PortLoader:
         slices them out of the whole model (`Transformer.group`); block k of them is
         `model_jax.model.group_block(group, k, window)`, as in the forward."""
         layers = self.args.layer_groups[g]
-        part = skeleton(dataclasses.replace(self.args, n_layers=len(layers)), dtype)
+        part = self.skeleton(dtype, dataclasses.replace(self.args, n_layers=len(layers)))
         sizes = self.sizes | {"layers": len(layers)}
         wanted = lambda spec: "layers" in spec.stacks  # noqa: E731
         model, _ = self._fill(part, mesh, wanted, sizes, {"layers": layers[0]})
@@ -81,11 +146,14 @@ class PortLoader:
     def _read(self, names: np.ndarray, spec: LeafSpec, leaf, mesh: Mesh | None) -> jax.Array:
         records = self.checkpoint.tensors
 
+        tail = leaf.shape[names.ndim :]  # each tensor's own shape in the model
+
         def read_slice(index: tuple[slice, ...]) -> np.ndarray:
             index = tuple(index) + (slice(None),) * (len(leaf.shape) - len(index))
             lead, rest = index[: names.ndim], index[names.ndim :]
             chosen = names[lead] if names.ndim else names
-            block = [records[n].array()[rest] for n in np.ravel(chosen)]
+            # A per-tensor scale may be stored 0-d or with one element: the model holds [1].
+            block = [records[n].array().reshape(tail)[rest] for n in np.ravel(chosen)]
             return np.stack(block).reshape(*np.shape(chosen), *block[0].shape)
 
         if mesh is not None:

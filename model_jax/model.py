@@ -16,23 +16,38 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Bool, Float, Int, Shaped
 
 from checkpoint.args import ModelArgs
 from checkpoint.pieces import Piece, run_pieces
+from checkpoint.sections import Llama4ScalingArgs
 from model_jax.cache import KVCache, write_slots
 from model_jax.moe import MoeFeedForward
-from model_jax.rope import apply_rotary, rotary_angles
+from model_jax.rope import apply_rotary, llama_4_scaled, rotary_angles
 from model_jax.structure import sharded, stacked
 
 HIGHEST = lax.Precision.HIGHEST  # fp32 matmuls stay fp32 on GPU/TPU (no TF32)
 
 
 class Linear(eqx.Module):
-    weight: Float[Array, "*stack out in"]  # torch layout; leading axes when stacked
+    """A bias-free linear layer in torch layout, its weight in the compute dtype or in FP8
+    with `qscale_weight` beside it (weight-only FP8: dequantized inside the matmul, the
+    product in fp32 then rounded to the compute dtype, as the reference dequantizes at load)."""
+
+    weight: Shaped[Array, "*stack out in"]  # leading axes when stacked
+    # 1 per tensor, or 1 per row; placed like the weight's rows (model_jax.structure).
+    qscale_weight: Float[Array, "*stack scales"] | None = eqx.field(
+        default=None, metadata={"rows_of": "weight"}
+    )
 
     def __call__(self, x: Float[Array, "seq in"]) -> Float[Array, "seq out"]:
-        return jnp.matmul(x, self.weight.T, precision=HIGHEST)
+        return jnp.matmul(x, self.dequantized(x.dtype).T, precision=HIGHEST)
+
+    def dequantized(self, dtype) -> Float[Array, "out in"]:
+        if self.qscale_weight is None:
+            return self.weight
+        real = self.weight.astype(jnp.float32) * self.qscale_weight.reshape(-1, 1)
+        return real.astype(dtype)
 
     @classmethod
     def zeros(cls, out: int, in_: int, dtype) -> "Linear":
@@ -80,19 +95,22 @@ class Attention(eqx.Module):
     n_kv_heads: int = eqx.field(static=True)
     head_dim: int = eqx.field(static=True)
     sliding_window: int | None = eqx.field(static=True)
+    llama_4_scaling: Llama4ScalingArgs | None = eqx.field(static=True)
 
     def project(
-        self, x: Float[Array, "seq dim"], rope: tuple[Array, Array]
+        self, x: Float[Array, "seq dim"], rope: tuple[Array, Array], positions: Int[Array, " seq"]
     ) -> tuple[
         Float[Array, "seq heads head_dim"],
         Float[Array, "seq kv_heads head_dim"],
         Float[Array, "seq kv_heads head_dim"],
     ]:
-        """Queries, keys and values of x; queries and keys rotated by `rope` (cos, sin)."""
+        """Queries, keys and values of x; queries and keys rotated by `rope` (cos, sin),
+        queries then scaled for their positions (Llama-4 scaling, where the config has it)."""
         T = x.shape[0]
         cos, sin = rope
         xq = apply_rotary(self.wq(x).reshape(T, self.n_heads, self.head_dim), cos, sin)
         xk = apply_rotary(self.wk(x).reshape(T, self.n_kv_heads, self.head_dim), cos, sin)
+        xq = llama_4_scaled(xq, positions, self.llama_4_scaling)
         return xq, xk, self.wv(x).reshape(T, self.n_kv_heads, self.head_dim)
 
     def attend(
@@ -135,6 +153,7 @@ class Attention(eqx.Module):
             args.n_kv_heads,
             args.head_dim,
             window,
+            args.llama_4_scaling,
         )
 
 
@@ -170,7 +189,7 @@ class TransformerBlock(eqx.Module):
         attention = self.attention
         return (
             Piece("attention_norm", self.attention_norm, ("x",), ("x_normed",)),
-            Piece("qkv", attention.project, ("x_normed", "rope"), ("q", "k", "v")),
+            Piece("qkv", attention.project, ("x_normed", "rope", "positions"), ("q", "k", "v")),
             Piece("attention", attention.attend, ("q", "k", "v", "positions", "cached"), ("attn",)),
             Piece("attention_residual", jnp.add, ("x", "attn"), ("h",), judged=False),
             Piece("ffn_norm", self.ffn_norm, ("h",), ("h_normed",)),
@@ -249,7 +268,7 @@ class Transformer(eqx.Module):
     # `args.window_pattern` when a block is taken out of the stack (`group_block`).
     layers: TransformerBlock = stacked("layers")
     norm: RMSNorm = sharded(None)
-    output: Linear = sharded("model", None)  # over the vocabulary
+    output: Linear | None = sharded("model", None)  # over the vocabulary; None: tied
     args: ModelArgs = eqx.field(static=True)
 
     @classmethod
@@ -262,7 +281,7 @@ class Transformer(eqx.Module):
             Embedding(jnp.zeros((args.vocab_size, args.dim), dtype)),
             layers,
             RMSNorm.zeros(args, dtype),
-            Linear.zeros(args.vocab_size, args.dim, dtype),
+            None if args.tied_embeddings else Linear.zeros(args.vocab_size, args.dim, dtype),
             args,
         )
 
@@ -295,10 +314,12 @@ class Transformer(eqx.Module):
         return _logits_jit(self, tokens, None, None, collect_hidden=False)[0]
 
     def forward_hidden(
-        self, tokens: Int[Array, " seq"]
+        self, tokens: Int[Array, " seq"], start: int | Int[Array, ""] = 0
     ) -> tuple[Float[Array, "seq vocab"], Float[Array, "layers_plus_2 seq dim"]]:
-        """Logits and every hidden state: embeddings, after each block, after the final norm."""
-        logits, hidden, _ = _logits_jit(self, tokens, None, None, collect_hidden=True)
+        """Logits and every hidden state (embeddings, after each block, after the final norm)
+        of `tokens` at positions start, start+1, …"""
+        positions = start + jnp.arange(tokens.shape[0])
+        logits, hidden, _ = _logits_jit(self, tokens, positions, None, collect_hidden=True)
         return logits, hidden
 
     def step(
@@ -317,14 +338,15 @@ class Transformer(eqx.Module):
         self, positions: Int[Array, " seq"]
     ) -> tuple[Float[Array, "seq half"], Float[Array, "seq half"]]:
         """The `rope` context of every block: cos and sin of the rotations at `positions`."""
-        return rotary_angles(positions, self.args.head_dim, self.args.rope_theta)
+        return rotary_angles(positions, self.args)
 
     def head(
         self, h: Float[Array, "seq dim"]
     ) -> tuple[Float[Array, "seq dim"], Float[Array, "seq vocab"]]:
         """Final norm, and fp32 logits (the reference's `.float()`)."""
         normed = self.norm(h)
-        return normed, self.output(normed).astype(jnp.float32)
+        head = Linear(self.tok_embeddings.weight) if self.output is None else self.output
+        return normed, head(normed).astype(jnp.float32)
 
 
 def run_layers(

@@ -79,6 +79,8 @@ def _spec(model, path) -> LeafSpec:
             name.append(f"{{{axis}}}")
         if "sharded" in field.metadata:
             axes = field.metadata["sharded"]
+        if "rows_of" in field.metadata and axes is not None:  # one value per row (or one)
+            axes = axes[:1]
         owner = getattr(owner, key.name)
     if axes is None:
         raise ValueError(f"no placement declared for {'.'.join(name)}")

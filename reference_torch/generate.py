@@ -19,7 +19,7 @@ def generate(
 ) -> tuple[list[list[int]], list[list[float]]]:
     """Greedy continuations (prompt excluded, EOS kept) and their log-probabilities."""
     args = model.args
-    device, dtype = model.output.weight.device, model.output.weight.dtype
+    device, dtype = model.norm.weight.device, model.norm.weight.dtype
     chunk = chunk_size or args.shortest_window or 2048
     results, logprobs = [], []
     for prompt in prompts:

@@ -16,7 +16,7 @@ from checkpoint.pieces import Piece, run_pieces
 from reference_torch.cache import RollingKVCache
 from reference_torch.moe import MoeLayer
 from reference_torch.precision import at_least_fp32
-from reference_torch.rope import apply_rotary_emb, freqs_cis
+from reference_torch.rope import apply_rotary_emb, freqs_cis, llama_4_scaled
 
 
 class RMSNorm(nn.Module):
@@ -45,6 +45,7 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
         self.sliding_window = window  # this layer's (params.json may give one per layer)
+        self.llama_4_scaling = args.llama_4_scaling
         self.scale = args.head_dim**-0.5
         self.wq = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
@@ -52,15 +53,17 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
 
     def project(
-        self, x: torch.Tensor, cis: torch.Tensor
+        self, x: torch.Tensor, cis: torch.Tensor, positions: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries (B, T, H, D), keys and values (B, T, Hkv, D) of x (B, T, dim), queries and
-        keys rotated by `cis` (T, D / 2)."""
+        keys rotated by `cis` (T, D / 2), queries then scaled for their positions (Llama-4
+        scaling, where the config has it)."""
         B, T, _ = x.shape
         xq = self.wq(x).view(B, T, self.n_heads, self.head_dim)
         xk = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)
         xv = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        return apply_rotary_emb(xq, cis), apply_rotary_emb(xk, cis), xv
+        xq = llama_4_scaled(apply_rotary_emb(xq, cis), positions, self.llama_4_scaling)
+        return xq, apply_rotary_emb(xk, cis), xv
 
     def attend(
         self,
@@ -117,7 +120,7 @@ class TransformerBlock(nn.Module):
         attention = self.attention
         return (
             Piece("attention_norm", self.attention_norm, ("x",), ("x_normed",)),
-            Piece("qkv", attention.project, ("x_normed", "rope"), ("q", "k", "v")),
+            Piece("qkv", attention.project, ("x_normed", "rope", "positions"), ("q", "k", "v")),
             Piece("attention", attention.attend, ("q", "k", "v", "positions", "cached"), ("attn",)),
             Piece("attention_residual", torch.add, ("x", "attn"), ("h",), judged=False),
             Piece("ffn_norm", self.ffn_norm, ("h",), ("h_normed",)),
@@ -145,7 +148,10 @@ class Transformer(nn.Module):
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
         self.layers = nn.ModuleList(make_block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
-        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        # Tied embeddings: the head reads the embedding table (no tensor of its own).
+        self.output = (
+            None if args.tied_embeddings else nn.Linear(args.dim, args.vocab_size, bias=False)
+        )
 
     @classmethod
     def from_folder(
@@ -162,15 +168,18 @@ class Transformer(nn.Module):
         return self.forward_hidden(tokens, cache)[0]
 
     def forward_hidden(
-        self, tokens: torch.Tensor, cache: RollingKVCache | None = None
+        self, tokens: torch.Tensor, cache: RollingKVCache | None = None, start: int = 0
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Logits and every hidden state: embeddings, after each block, after the final norm.
+        """Logits and every hidden state: embeddings, after each block, after the final norm;
+        positions start, start+1, … (or after what `cache` holds).
 
         Made of the pieces verify calls one by one: `embed`, each block with `rotary`, `head`.
         """
         T = tokens.shape[1]
         positions = (
-            cache.next_positions(T) if cache is not None else torch.arange(T, device=tokens.device)
+            cache.next_positions(T)
+            if cache is not None
+            else torch.arange(start, start + T, device=tokens.device)
         )
         cis = self.rotary(positions)
         h = self.embed(tokens)
@@ -194,10 +203,10 @@ class Transformer(nn.Module):
     def rotary(self, positions: torch.Tensor) -> torch.Tensor:
         """The rotations every block applies at these positions (T, head_dim / 2); computed
         in float32, or float64 for a float64 model."""
-        dtype = at_least_fp32(self.norm.weight[:0]).dtype
-        return freqs_cis(positions, self.args.head_dim, self.args.rope_theta, dtype)
+        return freqs_cis(positions, self.args, at_least_fp32(self.norm.weight[:0]).dtype)
 
     def head(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Final norm, and fp32 logits (the reference's `.float()`; float64 stays)."""
         normed = self.norm(h)
-        return normed, at_least_fp32(self.output(normed))
+        weight = self.tok_embeddings.weight if self.output is None else self.output.weight
+        return normed, at_least_fp32(F.linear(normed, weight))

@@ -95,8 +95,8 @@ class FaultyAttention(jax_model.Attention):
     faulty: Bool[Array, "*stack"] = sharded()
     variant: str = eqx.field(static=True)
 
-    def project(self, x, rope):
-        right = super().project(x, rope)
+    def project(self, x, rope, positions):
+        right = super().project(x, rope, positions)
         if self.variant != "rope-angles-bf16":
             return right
         exponents = jnp.arange(0, self.head_dim, 2, dtype=jnp.float32) / self.head_dim
@@ -104,7 +104,9 @@ class FaultyAttention(jax_model.Attention):
         positions = jnp.arange(x.shape[0]).astype(jnp.bfloat16)  # position × frequency in bf16
         angles = positions[:, None] * freqs[None, :]
         wrong = super().project(
-            x, (jnp.cos(angles).astype(jnp.float32), jnp.sin(angles).astype(jnp.float32))
+            x,
+            (jnp.cos(angles).astype(jnp.float32), jnp.sin(angles).astype(jnp.float32)),
+            positions,
         )
         return tuple(jnp.where(self.faulty, w, r) for w, r in zip(wrong, right, strict=True))
 

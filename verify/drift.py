@@ -87,12 +87,16 @@ def whole_model_states(
     runner: Implementation,
     dtype: str,
     prompts: list[list[int]],
+    starts: list[int],
     then: Callable | None = None,
 ) -> tuple[list[list[np.ndarray]], list[np.ndarray]]:
-    """Per prompt: the L+2 hidden states and the logits, from the model's own forward.
-    `then(model)` runs while the model is still loaded (generation)."""
+    """Per prompt (at its start position): the L+2 hidden states and the logits, from the
+    model's own forward. `then(model)` runs while the model is still loaded (generation)."""
     model = runner.model(dtype)
-    hidden, logits = zip(*(runner.forward_hidden(model, p) for p in prompts), strict=True)
+    hidden, logits = zip(
+        *(runner.forward_hidden(model, p, s) for p, s in zip(prompts, starts, strict=True)),
+        strict=True,
+    )
     if then is not None:
         then(model)
     return list(hidden), list(logits)
@@ -106,6 +110,7 @@ def drift(
     whole: dict[str, tuple] | None = None,
     peer: dict[str, list[list[np.ndarray]]] | None = None,
     on_block: Callable[[int], None] | None = None,
+    starts: list[int] | None = None,
 ) -> Drift:
     """Every layer's free-running metrics and every block's teacher-forced piece errors.
 
@@ -113,7 +118,9 @@ def drift(
     them when `whole` is None, run group by group here).
     `peer[dtype][prompt]`: a third implementation's L+1 hidden states (embeddings, after each
     block but the last, final norm), compared free-running where they exist.
+    `starts[j]`: the position prompt j's first token sits at (position probes; default 0).
     """
+    starts = starts or [0] * len(prompts)
     streams = streams_for(dtype)
     runner_of = {"R16": ref, "R32": ref, "R64": ref, "P16": port, "P32": port}
     whole = whole or {}
@@ -135,7 +142,7 @@ def drift(
     _check_reference(ref, states, "the embeddings")
     layers = [_layer("embeddings", None, states, dtype, {}, peer_at(0))]
     for g, group_layers in enumerate(ref.args.layer_groups):
-        run = _GroupRun(ref, port, g, len(group_layers), len(prompts), bf16)
+        run = _GroupRun(ref, port, g, len(group_layers), starts, bf16)
         after = run.forward(states, {s: whole[s][0] for s in whole}, group_layers[0], stepped)
         for k, i in enumerate(group_layers):
             states = current(i + 1, {s: [h[k] for h in after[s]] for s in stepped})
@@ -160,9 +167,9 @@ def drift(
 class _GroupRun:
     """One scan step's blocks judged, holding one implementation in one dtype at a time."""
 
-    def __init__(self, ref, port, g: int, size: int, n_prompts: int, bf16: bool):
+    def __init__(self, ref, port, g: int, size: int, starts: list[int], bf16: bool):
         self.ref, self.port, self.g, self.bf16 = ref, port, g, bf16
-        self.size, self.n_prompts = size, n_prompts
+        self.size, self.n_prompts, self.starts = size, len(starts), starts
         self.sums: list[dict[str, list[PieceSums]]] = [{} for _ in range(size)]
 
     def forward(self, states: States, whole: dict, first: int, stepped: list[str]) -> States:
@@ -174,23 +181,27 @@ class _GroupRun:
             traced16 = self._trace("R16", "bfloat16", states, whole, first)
             _extend(after, "R16", _block_outputs(traced16))
         group = self.ref.group(self.g, "float32")
-        truth = [[self.ref.pieces(group, k, t) for t in per] for k, per in enumerate(traced16)]
+        truth = [
+            [self.ref.pieces(group, k, t, start) for t, start in zip(per, self.starts, strict=True)]
+            for k, per in enumerate(traced16)
+        ]
         traced32 = self._trace_with(group, "R32", states, whole, first)
         del group
         _extend(after, "R32", _block_outputs(traced32))
         if "R64" in after:  # free-running only: the truth fp32 is judged against
             group = self.ref.group(self.g, "float64")
-            after["R64"] = [self.ref.run_group(group, h) for h in states["R64"]]
+            after["R64"] = self._run_group(self.ref, group, states["R64"])
             del group
         for dtype, stream, traced in (("bfloat16", "P16", traced16), ("float32", "P32", traced32)):
             if not traced:
                 continue
             group = self.port.group(self.g, dtype)
             outputs = [
-                [self.port.pieces(group, k, traced[k][j]) for j in prompts] for k in self._ks
+                [self.port.pieces(group, k, traced[k][j], self.starts[j]) for j in prompts]
+                for k in self._ks
             ]
             if stream in after:
-                after[stream] = [self.port.run_group(group, h) for h in states[stream]]
+                after[stream] = self._run_group(self.port, group, states[stream])
             del group
             for k in self._ks:
                 for j in prompts:
@@ -199,6 +210,11 @@ class _GroupRun:
                     else:
                         self._add32(k, j, outputs[k][j], traced[k][j])
         return after
+
+    def _run_group(self, runner, group, states: list[np.ndarray]) -> list[list[np.ndarray]]:
+        return [
+            runner.run_group(group, h, start) for h, start in zip(states, self.starts, strict=True)
+        ]
 
     @property
     def _ks(self) -> range:
@@ -219,7 +235,7 @@ class _GroupRun:
             for k in self._ks:
                 if stream in whole and k > 0:
                     h = whole[stream][j][first + k]
-                traced[k].append(self.ref.trace(group, k, h))
+                traced[k].append(self.ref.trace(group, k, h, self.starts[j]))
                 h = traced[k][j][BLOCK_OUTPUT]
         return traced
 

@@ -36,6 +36,8 @@ class Thresholds:
     teacher_forced_fp32_error: float = 1e-5
     free_bf16_ratio: float = 1.25  # at the final norm and the logits
     free_fp32_ratio: float = 2.0  # the port's fp32 error vs float64 ÷ the reference's own
+    # …which widens by this ÷ √(effective tokens): on one token it is a ratio of two roundings.
+    fp32_token_noise: float = 2.0
     # A bf16 limit widens by (this many × the ratio's token-to-token spread, at least
     # `bf16_token_noise`) ÷ √(effective tokens): one token's ratio is noisy.
     bf16_noise_sigmas: float = 4.0
@@ -78,6 +80,13 @@ class Thresholds:
         token-to-token spread (over all the piece's tokens) is `spread`."""
         noise = max(self.bf16_token_noise, self.bf16_noise_sigmas * spread)
         return base + noise / math.sqrt(max(ratio.effective_tokens, 1.0))
+
+    def fp32_limit(self, ratio: TokenRatio) -> float:
+        """The limit of a free-running fp32 ratio (against float64) resting on
+        `ratio.effective_tokens` tokens."""
+        return self.free_fp32_ratio + self.fp32_token_noise / math.sqrt(
+            max(ratio.effective_tokens, 1.0)
+        )
 
 
 def exceeds(value: float | None, limit: float) -> bool:
@@ -173,6 +182,7 @@ class FreeFigures:
     fp32_error: float  # the port against the reference, both fp32
     fp32_floor: float | None  # the reference's own fp32 error against its float64 run
     fp32_ratio: float | None  # the port's fp32 error against float64 ÷ that floor
+    fp32_limit: float | None
     nonfinite: int
     peer_bf16_ratio: float | None
     peer_fp32_error: float | None
@@ -185,6 +195,7 @@ def free_figures(sums: list[FreeSums], bf16: bool, t: Thresholds) -> FreeFigures
     ref64, port64 = _pooled([s.ref32_64 for s in sums]), _pooled([s.port32_64 for s in sums])
     cap, has_peer, exact = t.token_weight_cap, peer32.count > 0, ref64.count > 0
     bf16_ratio = token_weighted_ratio(port16, ref16, cap) if bf16 else None
+    fp32_ratio = token_weighted_ratio(port64, ref64, cap) if exact else None
     return FreeFigures(
         floor=ref16.rms if bf16 else None,
         bf16_ratio=bf16_ratio.value if bf16_ratio else None,
@@ -195,7 +206,8 @@ def free_figures(sums: list[FreeSums], bf16: bool, t: Thresholds) -> FreeFigures
         ),
         fp32_error=port32.rms,
         fp32_floor=ref64.rms if exact else None,
-        fp32_ratio=token_weighted_ratio(port64, ref64, cap).value if exact else None,
+        fp32_ratio=fp32_ratio.value if fp32_ratio else None,
+        fp32_limit=t.fp32_limit(fp32_ratio) if fp32_ratio else None,
         nonfinite=port16.nonfinite + port32.nonfinite,
         peer_bf16_ratio=token_weighted_ratio(peer16, ref16, cap).value
         if bf16 and has_peer
@@ -211,10 +223,10 @@ def free_failures(what: str, f: FreeFigures, t: Thresholds) -> list[str]:
         failures.append(f"{what}: {f.nonfinite} NaN/Inf values where the reference is finite")
     if f.bf16_ratio is not None and exceeds(f.bf16_ratio, f.bf16_limit):
         failures.append(f"{what}: {_bf16_failure('free-running', f.bf16_ratio, f.bf16_limit)}")
-    if exceeds(f.fp32_ratio, t.free_fp32_ratio):
+    if f.fp32_ratio is not None and exceeds(f.fp32_ratio, f.fp32_limit):
         failures.append(
             f"{what}: fp32 error {f.fp32_ratio:.2f}× the reference's own (against float64) "
-            f"> {t.free_fp32_ratio:g}×"
+            f"> {f.fp32_limit:.3g}×"
         )
     return failures
 

@@ -32,9 +32,11 @@ class WholeForward(Protocol):
     def model(self, dtype: str) -> Any:
         """The whole model in `dtype` ("bfloat16" or "float32")."""
 
-    def forward_hidden(self, model: Any, tokens: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
-        """Its own forward on one prompt: the hidden states (embeddings, after each block,
-        after the final norm) and the fp32 logits."""
+    def forward_hidden(
+        self, model: Any, tokens: list[int], start: int = 0
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        """Its own forward on one prompt at positions start, start+1, …: the hidden states
+        (embeddings, after each block, after the final norm) and the fp32 logits."""
 
 
 class Implementation(WholeForward, Protocol):
@@ -53,12 +55,13 @@ class Implementation(WholeForward, Protocol):
         """The blocks of the forward's step g (`ModelArgs.layer_groups`), built as the forward
         builds them."""
 
-    def run_group(self, group: Any, h: np.ndarray) -> list[np.ndarray]:
-        """The group's blocks in order on h, as the forward runs them: each one's output."""
+    def run_group(self, group: Any, h: np.ndarray, start: int = 0) -> list[np.ndarray]:
+        """The group's blocks in order on h (its first token at position `start`), as the
+        forward runs them: each one's output."""
 
-    def trace(self, group: Any, k: int, x: np.ndarray) -> Values:
+    def trace(self, group: Any, k: int, x: np.ndarray, start: int = 0) -> Values:
         """Block k of the group on x: every value its forward computed, by name."""
 
-    def pieces(self, group: Any, k: int, values: Values) -> PieceOutputs:
+    def pieces(self, group: Any, k: int, values: Values, start: int = 0) -> PieceOutputs:
         """Each judged piece of block k run on its inputs taken from `values` (teacher
         forcing), and the whole block on values["x"] (`WHOLE_BLOCK`)."""

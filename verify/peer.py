@@ -40,8 +40,15 @@ class HFPeer:
         return model.to(self.device).eval()
 
     @torch.inference_mode()
-    def forward_hidden(self, model, tokens: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
-        out = model(torch.tensor([tokens], device=self.device), output_hidden_states=True)
+    def forward_hidden(
+        self, model, tokens: list[int], start: int = 0
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        positions = torch.arange(start, start + len(tokens), device=self.device)[None]
+        out = model(
+            torch.tensor([tokens], device=self.device),
+            position_ids=positions,
+            output_hidden_states=True,
+        )
         hidden = [h[0].float().cpu().numpy() for h in out.hidden_states]
         return hidden, out.logits[0].float().cpu().numpy()
 
@@ -55,13 +62,16 @@ def hf_peer(reference: Path, args: ModelArgs, device: str) -> Iterator[HFPeer]:
         yield HFPeer(folder, args, device)
 
 
-def peer_outputs(peer: WholeForward, prompts: list[list[int]]):
+def peer_outputs(peer: WholeForward, prompts: list[list[int]], starts: list[int]):
     """({dtype: per prompt, the hidden states}, {dtype: per prompt, the logits}), one dtype's
     model resident at a time."""
     states, logits = {}, {}
     for dtype in ("float32", "bfloat16"):
         model = peer.model(dtype)
-        outputs = [peer.forward_hidden(model, prompt) for prompt in prompts]
+        outputs = [
+            peer.forward_hidden(model, prompt, start)
+            for prompt, start in zip(prompts, starts, strict=True)
+        ]
         states[dtype], logits[dtype] = [o[0] for o in outputs], [o[1] for o in outputs]
         del model
     return states, logits

@@ -11,6 +11,7 @@ import dataclasses
 import json
 from pathlib import Path
 
+from checkpoint.args import ModelArgs
 from checkpoint.errors import CheckpointError
 from checkpoint.tokenizer import Tokenizer
 
@@ -20,10 +21,11 @@ MAX_PROMPTS_FILE_BYTES = 16 * 2**20
 
 @dataclasses.dataclass(frozen=True)
 class Prompt:
-    kind: str  # "text", "tokens" or "chat"
+    kind: str  # "text", "tokens", "chat" or "probe"
     text: str  # what the report shows
     tokens: tuple[int, ...]
     bos: bool  # whether the sequence starts with the BOS token
+    start: int = 0  # the position of its first token (probes sit far into the context)
 
 
 _LONG = " ".join(
@@ -86,6 +88,29 @@ _TEXTS = [
 def builtin_prompts(tokenizer: Tokenizer) -> list[Prompt]:
     texts = [text_prompt(t, tokenizer) for t in _TEXTS]
     return texts[:-1] + [chat_prompt(m, tokenizer) for m in _CHATS] + texts[-1:]
+
+
+PROBE_TEXT = "Far into a long context, the same words must mean the same thing."
+
+
+def position_probes(args: ModelArgs, tokenizer: Tokenizer) -> list[Prompt]:
+    """A short text placed at far positions, for configs whose positions change the model's
+    arithmetic far out (YaRN, Llama-4 scaling): at the scaling's original length, 8× it (for
+    Ministral 3: 16k and 128k) and the last positions `max_position_embeddings` allows — so
+    every block is judged there without a prompt that long."""
+    scaling = args.llama_4_scaling or args.yarn
+    if scaling is None:
+        return []
+    tokens = tuple(tokenizer.encode(PROBE_TEXT, bos=False))
+    original = scaling.original_max_position_embeddings
+    limit = args.max_position_embeddings or 16 * original
+    starts = sorted(
+        {s for s in (original, 8 * original, limit - len(tokens)) if 0 < s <= limit - len(tokens)}
+    )
+    return [
+        Prompt("probe", f"{PROBE_TEXT} (positions {s}–{s + len(tokens) - 1})", tokens, False, s)
+        for s in starts
+    ]
 
 
 def text_prompt(text: str, tokenizer: Tokenizer, *, bos: bool = True) -> Prompt:

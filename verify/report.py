@@ -86,6 +86,7 @@ def markdown(r: Report) -> str:
         f"{'streamed one block at a time' if r.stream_layers else 'whole models'}; "
         f"{r.seconds:.0f} s{_peak_memory(env)}.",
         "",
+        *(["## Model", "", *[f"- {n}" for n in r.notes], ""] if r.notes else []),
         "## Prompts",
         "",
         tabulate(

@@ -146,6 +146,7 @@ class Report:
     thresholds: dict
     prompts: tuple[PromptResult, ...]
     model_args: dict
+    notes: tuple[str, ...]  # what was carried, left unverified or decided (docs/formats.md)
     dtype: str
     stream_layers: bool
     peer: str | None

@@ -16,7 +16,9 @@ import numpy as np
 import torch
 from jax.sharding import Mesh
 
+from checkpoint.args import ModelArgs
 from checkpoint.errors import CheckpointError
+from checkpoint.spec import Roles
 from checkpoint.tokenizer import Tokenizer
 from convert.check import check_converted
 from verify.drift import Drift, drift, free_sums, whole_model_states
@@ -37,7 +39,7 @@ from verify.generation import (
 )
 from verify.metrics import logit_metrics
 from verify.peer import hf_peer, peer_outputs
-from verify.prompts import Prompt, builtin_prompts, text_prompt
+from verify.prompts import Prompt, builtin_prompts, position_probes, text_prompt
 from verify.results import (
     Checksums,
     Environment,
@@ -136,12 +138,21 @@ def run_verification(
         p if isinstance(p, Prompt) else text_prompt(p, tokenizer)
         for p in prompts or builtin_prompts(tokenizer)
     ]
+    prompts += position_probes(ref.args, tokenizer)
+    limit = ref.args.max_position_embeddings
     for prompt in prompts:
         if not prompt.tokens or max(prompt.tokens) >= ref.args.vocab_size:
             raise ValueError(
                 f"prompt {prompt.text[:40]!r} is empty or has ids beyond the vocabulary"
             )
+        end = prompt.start + len(prompt.tokens) + (0 if prompt.start else max_new_tokens)
+        if limit is not None and end > limit:
+            raise ValueError(
+                f"prompt {prompt.text[:40]!r} with {max_new_tokens} new tokens reaches "
+                f"position {end - 1}, past max_position_embeddings {limit}"
+            )
     token_prompts = [list(p.tokens) for p in prompts]
+    starts = [p.start for p in prompts]
 
     if peer not in (None, "hf"):
         raise ValueError(f"unknown peer {peer!r} (supported: hf)")
@@ -150,14 +161,14 @@ def run_verification(
         if peer == "hf":
             step("peer: HF transformers")
             hf = stack.enter_context(hf_peer(reference, ref.args, torch_device))
-            peer_states, peer_logits = peer_outputs(hf, token_prompts)
+            peer_states, peer_logits = peer_outputs(hf, token_prompts, starts)
 
         whole, generation = None, None
         n = ref.args.n_layers
         with jax.default_device(jax_device):
             if not stream_layers:
                 whole, generation = _whole_models(
-                    ref, port, token_prompts, dtype, max_new_tokens, tokenizer, step
+                    ref, port, token_prompts, starts, dtype, max_new_tokens, tokenizer, step
                 )
             result = drift(
                 ref,
@@ -167,10 +178,12 @@ def run_verification(
                 whole,
                 peer_states,
                 lambda i: step(f"teacher-forced: block {i + 1}/{n}"),
+                starts,
             )
             if generation is not None:
                 step("generation: the reference's own agreement")
-                generation = _generation_baseline(generation, ref, hf, token_prompts, dtype)
+                generated = [t for t, s in zip(token_prompts, starts, strict=True) if s == 0]
+                generation = _generation_baseline(generation, ref, hf, generated, dtype)
     return _judge(
         result,
         prompts,
@@ -186,6 +199,7 @@ def run_verification(
         ),
         settings={
             "model_args": ref.args.to_dict(),
+            "notes": tuple(model_notes(ref.args, ref.loader.roles, dtype)),
             "dtype": dtype,
             "stream_layers": stream_layers,
             "peer": peer,
@@ -196,20 +210,67 @@ def run_verification(
     )
 
 
-def _whole_models(ref, port, prompts, dtype, max_new_tokens, tokenizer, step):
-    """The states of both models in `dtype` from their own whole forward, one model at a
-    time, and greedy generation while each is loaded."""
-    whole, continuations, generation = {}, [], []
+def model_notes(args: ModelArgs, roles: Roles, dtype: str) -> list[str]:
+    """What the report must say about the model beyond its numbers: what is carried and not
+    verified, which readings of the config were taken."""
+    notes = []
+    if args.has_vision:
+        notes.append(
+            f"vision encoder: carried, not verified ({len(roles.carried)} tensors beside the "
+            "text decoder; the text decoder is verified)"
+        )
+    if args.yarn is not None:
+        y = args.yarn
+        notes.append(
+            f"YaRN: factor {y.factor:g} over {y.original_max_position_embeddings} positions, "
+            f"beta {y.beta:g} / alpha {y.alpha:g}; cos and sin × {y.attention_factor:.4g} "
+            f"(apply_scale {str(y.apply_scale).lower()})"
+        )
+    if args.llama_4_scaling is not None:
+        scaling, yarn = args.llama_4_scaling, args.yarn
+        note = (
+            f"Llama-4 scaling: queries × (1 + {scaling.beta:g}·ln(1 + ⌊pos / "
+            f"{scaling.original_max_position_embeddings}⌋)) (llama_4_scaling's length)"
+        )
+        if (
+            yarn
+            and yarn.original_max_position_embeddings != scaling.original_max_position_embeddings
+        ):
+            note += f"; HF would read yarn's {yarn.original_max_position_embeddings} instead"
+        notes.append(note)
+    if args.max_position_embeddings or args.max_seq_len:
+        notes.append(
+            f"max_position_embeddings {args.max_position_embeddings}, max_seq_len "
+            f"{args.max_seq_len}: positions past max_position_embeddings are refused"
+        )
+    if args.tied_embeddings:
+        notes.append("tied embeddings: the head is the embedding table")
+    if roles.weight_scales:
+        notes.append(
+            f"FP8: {len(roles.weight_scales)} weights stored in FP8, dequantized (fp8 × scale in "
+            f"fp32, then {dtype}) by both models; activations run in {dtype}, so "
+            f"{len(roles.activation_scales)} static activation scales are unused"
+        )
+    if roles.unused:
+        notes.append(f"{len(roles.unused)} fake-quantizer scales (FP8 KV cache) carried, unused")
+    return notes
 
+
+def _whole_models(ref, port, prompts, starts, dtype, max_new_tokens, tokenizer, step):
+    """The states of both models in `dtype` from their own whole forward, one model at a
+    time, and greedy generation (from the prompts that start at position 0) while each is
+    loaded."""
+    whole, continuations, generation = {}, [], []
     logits = []
+    generated = [p for p, s in zip(prompts, starts, strict=True) if s == 0]
 
     def reference_generation(model):
-        continuations.extend(reference_continuations(model, prompts, max_new_tokens))
-        logits.extend(forced_logits(ref, model, prompts, continuations))
+        continuations.extend(reference_continuations(model, generated, max_new_tokens))
+        logits.extend(forced_logits(ref, model, generated, continuations))
 
     def port_generation(model):
         generation.append(
-            generation_agreement(model, prompts, continuations, logits, max_new_tokens, tokenizer)
+            generation_agreement(model, generated, continuations, logits, max_new_tokens, tokenizer)
         )
 
     names = {"bfloat16": ("R16", "P16"), "float32": ("R32", "P32")}[dtype]
@@ -217,7 +278,7 @@ def _whole_models(ref, port, prompts, dtype, max_new_tokens, tokenizer, step):
         names, (ref, port), (reference_generation, port_generation), strict=True
     ):
         step(f"whole model: {'reference' if runner is ref else 'port'} {dtype}")
-        whole[stream] = whole_model_states(runner, dtype, prompts, then)
+        whole[stream] = whole_model_states(runner, dtype, prompts, starts, then)
         _release_gpu_memory()
     return whole, generation[0]
 

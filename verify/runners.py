@@ -77,15 +77,19 @@ class TorchRunner:
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         return (t.to(dtype) if t.is_floating_point() else t)[None]
 
-    def _context(self, n: int, dtype: torch.dtype) -> dict:
-        """What the model's own forward gives every block: its `rotary` at 0…n-1."""
-        positions = torch.arange(n, device=self.device)
+    def _context(self, n: int, dtype: torch.dtype, start: int) -> dict:
+        """What the model's own forward gives every block: its `rotary` at start…start+n-1."""
+        positions = torch.arange(start, start + n, device=self.device)
         rope = _shape_only(self.args, dtype).rotary(positions)
         return {"rope": rope, "positions": positions, "cached": None}
 
     @torch.inference_mode()
-    def forward_hidden(self, model, tokens: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
-        logits, hidden = model.forward_hidden(torch.tensor([tokens], device=self.device))
+    def forward_hidden(
+        self, model, tokens: list[int], start: int = 0
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        logits, hidden = model.forward_hidden(
+            torch.tensor([tokens], device=self.device), start=start
+        )
         return [_numpy(h) for h in hidden], _numpy(logits)
 
     @torch.inference_mode()
@@ -98,8 +102,8 @@ class TorchRunner:
         return _numpy(normed), _numpy(logits)
 
     @torch.inference_mode()
-    def run_group(self, group, h: np.ndarray) -> list[np.ndarray]:
-        context = self._context(len(h), group.dtype)
+    def run_group(self, group, h: np.ndarray, start: int = 0) -> list[np.ndarray]:
+        context = self._context(len(h), group.dtype, start)
         x = self._tensor(h, group.dtype)
         outs = []
         for block in group.blocks:
@@ -108,17 +112,17 @@ class TorchRunner:
         return outs
 
     @torch.inference_mode()
-    def trace(self, group, k: int, x: np.ndarray) -> Values:
+    def trace(self, group, k: int, x: np.ndarray, start: int = 0) -> Values:
         block = group.blocks[k]
         inputs = {BLOCK_INPUT: self._tensor(x, group.dtype)}
-        values = run_pieces(block.pieces(), inputs | self._context(len(x), group.dtype))
+        values = run_pieces(block.pieces(), inputs | self._context(len(x), group.dtype, start))
         return {name: _numpy(value) for name, value in recorded(values).items()}
 
     @torch.inference_mode()
-    def pieces(self, group, k: int, values: Values) -> PieceOutputs:
+    def pieces(self, group, k: int, values: Values, start: int = 0) -> PieceOutputs:
         block = group.blocks[k]
         given = {name: self._tensor(value, group.dtype) for name, value in values.items()}
-        given |= self._context(len(values[BLOCK_INPUT]), group.dtype)
+        given |= self._context(len(values[BLOCK_INPUT]), group.dtype, start)
         out = {p.name: p(given) for p in block.pieces() if p.judged}
         whole = block(given[BLOCK_INPUT], given["rope"], given["positions"])[0]
         out[WHOLE_BLOCK] = {BLOCK_OUTPUT: whole}
@@ -166,8 +170,11 @@ class JaxRunner:
         x = np.asarray(x)
         return (x.astype(np.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x)[:n]
 
-    def forward_hidden(self, model, tokens: list[int]) -> tuple[list[np.ndarray], np.ndarray]:
-        logits, hidden = model.forward_hidden(self._place(np.asarray(tokens), jnp.int32))
+    def forward_hidden(
+        self, model, tokens: list[int], start: int = 0
+    ) -> tuple[list[np.ndarray], np.ndarray]:
+        placed = self._place(np.asarray(tokens), jnp.int32)
+        logits, hidden = model.forward_hidden(placed, jnp.int32(start))
         n = len(tokens)
         return [self._fetch(h, n) for h in hidden], self._fetch(logits, n)
 
@@ -179,20 +186,19 @@ class JaxRunner:
         normed, logits = _head(shell, self._place(h, shell.dtype))
         return self._fetch(normed, len(h)), self._fetch(logits, len(h))
 
-    def run_group(self, group, h: np.ndarray) -> list[np.ndarray]:
-        outs = _compiled(self.args, group.dtype).run_group(
-            group.blocks, self._place(h, group.dtype)
-        )
+    def run_group(self, group, h: np.ndarray, start: int = 0) -> list[np.ndarray]:
+        placed = self._place(h, group.dtype)
+        outs = _compiled(self.args, group.dtype).run_group(group.blocks, placed, jnp.int32(start))
         return [self._fetch(out, len(h)) for out in outs]
 
-    def trace(self, group, k: int, x: np.ndarray) -> Values:
+    def trace(self, group, k: int, x: np.ndarray, start: int = 0) -> Values:
         placed = self._place(x, group.dtype)
-        values = _compiled(self.args, group.dtype).trace(group.blocks, k, placed)
+        values = _compiled(self.args, group.dtype).trace(group.blocks, k, placed, jnp.int32(start))
         return {name: self._fetch(value, len(x)) for name, value in values.items()}
 
-    def pieces(self, group, k: int, values: Values) -> PieceOutputs:
+    def pieces(self, group, k: int, values: Values, start: int = 0) -> PieceOutputs:
         placed = {name: self._place(value, group.dtype) for name, value in values.items()}
-        out = _compiled(self.args, group.dtype).pieces(group.blocks, k, placed)
+        out = _compiled(self.args, group.dtype).pieces(group.blocks, k, placed, jnp.int32(start))
         n = len(values[BLOCK_INPUT])
         return {name: {o: self._fetch(v, n) for o, v in outputs.items()} for name, outputs in out}
 
@@ -220,25 +226,25 @@ class _Compiled:
         self.trace = eqx.filter_jit(self._trace)
         self.pieces = eqx.filter_jit(self._pieces)
 
-    def _context(self, n: int) -> dict:
-        positions = jnp.arange(n)
+    def _context(self, n: int, start) -> dict:
+        positions = start + jnp.arange(n)
         return {"rope": self.shape_only.rotary(positions), "positions": positions, "cached": None}
 
-    def _run_group(self, group, x):
-        context = self._context(x.shape[0])
+    def _run_group(self, group, x, start):
+        context = self._context(x.shape[0], start)
         return jax_model.run_group(group, self.pattern, x, context["rope"], context["positions"])[0]
 
     def _block(self, group, k):
         return jax_model.group_block(group, k, self.pattern[k])
 
-    def _trace(self, group, k, x):
+    def _trace(self, group, k, x, start):
         block = self._block(group, k)
-        values = run_pieces(block.pieces(), {BLOCK_INPUT: x} | self._context(x.shape[0]))
+        values = run_pieces(block.pieces(), {BLOCK_INPUT: x} | self._context(x.shape[0], start))
         return recorded(values)
 
-    def _pieces(self, group, k, values):
+    def _pieces(self, group, k, values, start):
         block = self._block(group, k)
-        given = values | self._context(values[BLOCK_INPUT].shape[0])
+        given = values | self._context(values[BLOCK_INPUT].shape[0], start)
         out = [(p.name, p(given)) for p in block.pieces() if p.judged]  # a list keeps the order
         whole = block(given[BLOCK_INPUT], given["rope"], given["positions"])[0]
         return [*out, (WHOLE_BLOCK, {BLOCK_OUTPUT: whole})]
