@@ -34,7 +34,7 @@ demo: $(STAMP)
 	$(BIN)/mistral-tiny demo/mistral-tiny --weights trained-like
 	$(BIN)/mistral-convert demo/mistral-tiny demo/mistral-tiny-jax
 	$(BIN)/mistral-convert --check demo/mistral-tiny-jax
-	$(BIN)/mistral-verify --reference demo/mistral-tiny --converted demo/mistral-tiny-jax --peer hf
+	$(BIN)/mistral-verify demo/mistral-tiny demo/mistral-tiny-jax --peer hf
 
 test: $(STAMP)
 	$(BIN)/ruff check .
@@ -42,7 +42,7 @@ test: $(STAMP)
 	$(BIN)/pytest
 
 # The quick loop while editing: everything but the tests marked slow (sharding, gate
-# calibration, README blocks); CI runs `make test`.
+# calibration, the python blocks of README.md and docs/); CI runs `make test`.
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow"
 
