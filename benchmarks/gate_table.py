@@ -1,4 +1,5 @@
-"""The clean-vs-fault table behind verify's gates (README "Gates"), from tests/gate_cases.py.
+"""The clean-vs-fault table behind verify's gates (docs/verification.md, "Calibration"), from
+tests/gate_cases.py.
 
 For each case: the verdict, the blocks that failed, and the statistic that decides it: the
 worst teacher-forced bf16 ratio (port error ÷ reference's own, any piece) or fp32 error, in the

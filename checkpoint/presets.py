@@ -1,4 +1,4 @@
-"""params.json of the published text releases (DESIGN.md §1), for specs, benchmarks and demos.
+"""params.json of the published text releases (docs/formats.md), for specs, benchmarks and demos.
 
 Values are those of each release's params.json in its Hugging Face repo (named per entry);
 tests/test_spec.py checks each against the release's published parameter count.
@@ -7,6 +7,7 @@ tests/test_spec.py checks each against the release's published parameter count.
 import dataclasses
 
 from checkpoint.args import ModelArgs, MoeArgs
+from checkpoint.sections import Llama4ScalingArgs, YarnArgs
 
 _7B = dict(
     dim=4096, n_layers=32, head_dim=128, hidden_dim=14336, n_heads=32, n_kv_heads=8, norm_eps=1e-5
@@ -16,6 +17,21 @@ _22B = dict(
     dim=6144, n_layers=56, head_dim=128, hidden_dim=16384, n_heads=48, n_kv_heads=8, norm_eps=1e-5
 )
 _NEMO = _7B | {"dim": 5120, "n_layers": 40}
+# Mistral Small 3.x: the 24B trunk (also Magistral Small 1.x, Devstral Small 1.x and 2).
+_SMALL3 = _NEMO | {"hidden_dim": 32768, "vocab_size": 131072}
+# Ministral 3 (2512): YaRN ×16 over 16384 positions without the magnitude correction, Llama-4
+# scaling over the same length, 262144 positions (their params.json, docs/formats.md).
+_MINISTRAL3 = dict(
+    head_dim=128,
+    n_heads=32,
+    n_kv_heads=8,
+    norm_eps=1e-5,
+    vocab_size=131072,
+    rope_theta=1e6,
+    max_position_embeddings=262144,
+    yarn=YarnArgs(factor=16.0, original_max_position_embeddings=16384, apply_scale=False),
+    llama_4_scaling=Llama4ScalingArgs(original_max_position_embeddings=16384, beta=0.1),
+)
 
 PRESETS: dict[str, ModelArgs] = {
     # mistralai/Mistral-7B-v0.1 (window 4096, no rope_theta: 10000)
@@ -49,6 +65,17 @@ PRESETS: dict[str, ModelArgs] = {
         rope_theta=1e8,
         sliding_window=(131072, 32768, 32768, 32768),
     ),
+    # mistralai/Mistral-Small-3.1-24B-Instruct-2503 (text decoder; a vision encoder beside it);
+    # Mistral Small 3.2, Magistral Small 2506–2509 and Devstral Small 2505/2507 share it.
+    "small-3.1-24b": ModelArgs(**_SMALL3, rope_theta=1e9, max_position_embeddings=131072),
+    # mistralai/Ministral-3-3B-Instruct-2512: the head tied to the embeddings
+    "ministral-3-3b": ModelArgs(
+        **_MINISTRAL3, dim=3072, n_layers=26, hidden_dim=9216, tied_embeddings=True
+    ),
+    # mistralai/Ministral-3-8B-Instruct-2512
+    "ministral-3-8b": ModelArgs(**_MINISTRAL3, dim=4096, n_layers=34, hidden_dim=14336),
+    # mistralai/Ministral-3-14B-Instruct-2512 (hidden_dim from the published 13.5B: 16384)
+    "ministral-3-14b": ModelArgs(**_MINISTRAL3, dim=5120, n_layers=40, hidden_dim=16384),
     # mistralai/Mistral-Large-Instruct-2407
     "large-2-123b": ModelArgs(
         dim=12288,

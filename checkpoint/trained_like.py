@@ -4,8 +4,8 @@ Trained LLMs put a few residual channels of the first token at |h| ≈ 100–100
 blocks while everything else stays O(1), and later heads park attention on that token (Sun et
 al. 2024, "Massive Activations in Large Language Models"; Xiao et al. 2023, "Efficient Streaming
 Language Models with Attention Sinks"). Random weights never do, so gates tuned on them are
-tuned on the wrong distribution (DESIGN.md §5). This module wires that behaviour into the random
-init of `checkpoint.tiny`, with or without BOS, from the position alone:
+tuned on the wrong distribution (docs/verification.md, "Calibration"). This module wires that
+behaviour into the random init of `checkpoint.tiny`, with or without BOS, from the position alone:
 
 - block 0, attention: query head A attends to itself (q = β·k), head B uniformly (q = 0); both
   read the same values, and `wo` writes A − B into the D channels. At the first token both heads
@@ -22,8 +22,9 @@ init of `checkpoint.tiny`, with or without BOS, from the position alone:
   the first delimiter tokens, as in trained models), and a late block's FFN erases it again
   (`erasing_block`), leaving a remainder of a few percent: a catastrophic cancellation that
   two bf16 implementations round apart on that one token.
-- `flat=True`: an output head of small scale, so next-token distributions are flat and top-1
-  choices are near-ties (what a base model on ordinary text looks like).
+- `flat=True`: the output head's rows come in near-identical pairs (1 % apart), so the top two
+  next-token candidates are near-ties that rounding alone flips — the reference's own fp32 run
+  agrees with its bf16 continuation on only ~70 % of tokens, as with flat distributions.
 
 The random parts of every block never write the reserved channels, so the mechanism is exact.
 """
@@ -43,7 +44,7 @@ FIRING = 8  # block-1 units that write the massive channels
 SINK_GAIN = 2.5  # q and k weight of the slowest RoPE pair (score bonus ≈ 8 on the first token)
 EMBEDDING_DELIMITER = 2.0  # the marker channel of delimiter tokens
 ERASED_REMAINDER = 0.05  # the erasing block leaves this fraction of the delimiter's activation
-FLAT_LOGIT_STD = 0.25  # `flat`: logits of std 0.25 (peaked models: 8): near-tie top-1s
+FLAT_PAIR_SPREAD = 0.01  # `flat`: paired head rows differ by this relative amount
 DELIMITERS = (".", ",", "\n")
 # The short prompt whose delimiter (token 2, after BOS) the eraser is calibrated on.
 CALIBRATION_TEXT = "Yes. The capital of France is"
@@ -94,8 +95,7 @@ def trained_like_state_dict(
 ) -> dict[str, torch.Tensor]:
     """fp32 weights: `checkpoint.tiny.random_state_dict` with the mechanism above wired in."""
     check_supported(args)
-    logit_std = FLAT_LOGIT_STD if flat else 8.0
-    state = random_state_dict(args, seed=seed, logit_std=logit_std)
+    state = random_state_dict(args, seed=seed)
     gen = torch.Generator().manual_seed(seed + 7919)
     n_d = d_channels(args)
     d = list(range(D_START, D_START + n_d))
@@ -125,7 +125,16 @@ def trained_like_state_dict(
     for i in range(2, args.n_layers):
         _attention_sink(state, args, i, gen)
     _eraser(state, args)
+    if flat:
+        _near_tie_pairs(state, gen)
     return state
+
+
+def _near_tie_pairs(state, gen) -> None:
+    """Every odd row of the head a 1 % perturbation of the even row before it."""
+    head = state.get("output.weight", state["tok_embeddings.weight"])
+    noise = torch.randn(head[1::2].shape, generator=gen)
+    head[1::2] = head[0::2] * (1 + FLAT_PAIR_SPREAD * noise)
 
 
 def _first_token_detector(state, args: ModelArgs, d, reserved, gen) -> None:
@@ -252,7 +261,7 @@ def _delimiter_activation(state, args: ModelArgs, block: int) -> tuple[float, fl
             h = layer(h, cis, positions)[0]
         layer = model.layers[block]
         h = h + layer.attention.attend(
-            *layer.attention.project(layer.attention_norm(h), cis), positions
+            *layer.attention.project(layer.attention_norm(h), cis, positions), positions
         )
         unit = -layer.feed_forward(layer.ffn_norm(h))[0, -1, marker_massive]
     return float(h[0, -1, marker_massive]), float(unit)

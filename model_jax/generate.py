@@ -1,5 +1,5 @@
 """Batched generation with the rolling-buffer cache — the JAX counterpart of mistral-inference
-`generate.py`, fixing the seed port's bugs (DESIGN.md §3).
+`generate.py`, with the bugs such ports have had fixed and tested (docs/generation.md).
 
 Prompts of different lengths are prefilled together in chunks (default: the sliding window)
 into per-sequence caches; padding has position -1 and is never written to the cache. The chunk

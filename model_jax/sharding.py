@@ -1,4 +1,4 @@
-"""Placing the model on a `jax.sharding.Mesh` (DESIGN.md §6).
+"""Placing the model on a `jax.sharding.Mesh` (docs/mesh.md).
 
 Mesh axes are ("data", "model"). Where each weight goes is declared on the model's fields
 (`model_jax.structure`): tensor parallel over "model" — wq/wk/wv by output rows (heads), wo by

@@ -22,7 +22,7 @@ from model_jax.structure import sharded
 
 
 def hf_rotary_permute(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """The interleaved → rotate_half layout change HF applies to wq/wk (DESIGN.md §2)."""
+    """The interleaved → rotate_half change HF applies to wq/wk (docs/formats.md, HF interop)."""
     out_dim, dim = w.shape
     head_dim = out_dim // n_heads
     return w.view(n_heads, head_dim // 2, 2, dim).transpose(1, 2).reshape(out_dim, dim)

@@ -1,4 +1,4 @@
-"""ModelArgs: every params.json version of DESIGN.md §1 parses; bad ones are refused clearly."""
+"""ModelArgs: every params.json version of docs/formats.md parses; bad ones are refused clearly."""
 
 import json
 

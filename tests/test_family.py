@@ -1,4 +1,4 @@
-"""Every folder layout of the text releases (README "Supported checkpoints") at tiny size:
+"""Every folder layout of the text releases (docs/formats.md, "Supported checkpoints") at tiny size:
 official folder → mistral-convert → the JAX model on the converted folder against the torch
 reference on the official one (fp32, 1e-5) and against HF transformers on the `--format hf`
 export (Ministral's per-layer windows through `layer_types`); greedy generation past every

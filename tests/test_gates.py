@@ -1,6 +1,7 @@
 """The gate table in CI: clean ports pass on random and trained-like weights (massive
 activations, attention sinks) for prompts of 1–641 tokens with and without BOS, and every fault
-of tests/faults.py fails in exactly the blocks it was put in (README "Gates")."""
+of tests/faults.py fails in exactly the blocks it was put in (docs/verification.md,
+"Calibration")."""
 
 import pytest
 from faults import CODE_FAULTS, WEIGHT_FAULTS

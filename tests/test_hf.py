@@ -41,7 +41,7 @@ def test_permutation_on_a_hand_written_head():
 
 def test_permutation_matches_the_hf_formula():
     w = torch.randn(4 * 6, 5)
-    hf = w.view(4, 6 // 2, 2, 5).transpose(1, 2).reshape(4 * 6, 5)  # DESIGN.md §2
+    hf = w.view(4, 6 // 2, 2, 5).transpose(1, 2).reshape(4 * 6, 5)  # docs/formats.md, "HF interop"
     assert np.array_equal(interleaved_to_halves(w.numpy(), 4), hf.numpy())
 
 

@@ -49,6 +49,11 @@ PUBLISHED = {
     "small-24b": (24e9, 0.5e9),
     "ministral-8b": (8_019_808_256, 1),  # model card: "Parameters 8,019,808,256"
     "large-2-123b": (123e9, 0.5e9),
+    # Text decoders (model cards give the language model beside the vision encoder).
+    "small-3.1-24b": (23.57e9, 0.01e9),  # Devstral Small 2 card: "23.57B" language model
+    "ministral-3-3b": (3.4e9, 0.05e9),  # "3.4B Language Model + 0.4B Vision Encoder"
+    "ministral-3-8b": (8.4e9, 0.1e9),  # "8.4B Language Model"
+    "ministral-3-14b": (13.5e9, 0.05e9),  # "13.5B Language Model"
 }
 
 

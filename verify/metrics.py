@@ -1,4 +1,5 @@
-"""Comparison metrics between a port's tensor and the truth (DESIGN.md §5), on numpy arrays.
+"""Comparison metrics between a port's tensor and the truth (docs/verification.md, "Metrics"), on
+numpy arrays.
 
 The gated error is *scale-aware*: each element's error is measured against its own size,
 |truth| plus the median |truth| of its token (the floor keeps near-zero elements from blowing
