@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast gpu-check lint clean
+.PHONY: setup demo test test-fast gpu-check device-wheels lint clean
 
 # `make setup GPU=1` (on a machine with an NVIDIA driver): CUDA builds of torch (from
 # TORCH_INDEX) and of JAX (`jax[cuda12]`) instead of the CPU wheels.
@@ -51,6 +51,12 @@ test-fast: $(STAMP)
 OUT ?= gpu-check
 gpu-check: $(STAMP)
 	$(BIN)/python benchmarks/gpu_check.py $(OUT)
+
+# The lent GPU machine reaches no index: the packages it lacks (mistral-common and its pydantic
+# and jsonschema needs, beartype) travel as pinned cp312 wheels in .whl/, carried by the device
+# tool; benchmarks/device/run.sh installs them there offline (benchmarks/device/README.md).
+device-wheels:
+	$(PYTHON) benchmarks/device/wheels.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check --fix .
