@@ -114,7 +114,6 @@ HARMLESS_KEYS = frozenset(
         "bos_token_id",  # the tokenizer file is the authority on special tokens
         "eos_token_id",
         "attention_dropout",  # training only
-        "max_position_embeddings",
         "return_dict",
         "output_hidden_states",
         "output_attentions",
@@ -145,14 +144,14 @@ MAPPED_KEYS = {
     "attention_bias",  # only false
     "mlp_bias",  # only false
     "tie_word_embeddings",
+    "max_position_embeddings",  # mistral family: kept where not the export's default
 }
 MODEL_TYPES = {
     "mistral": MAPPED_KEYS,
     "mixtral": MAPPED_KEYS | _MOE_KEYS | _MOE_HARMLESS,
     "ministral": MAPPED_KEYS | {"layer_types"},
-    # Ministral 3 / Devstral 2 text models: YaRN and Llama-4 scaling in `rope_parameters`;
-    # max_position_embeddings is mapped (params.json has it), not merely harmless.
-    "ministral3": MAPPED_KEYS | {"max_position_embeddings"},
+    # Ministral 3 / Devstral 2 text models: YaRN and Llama-4 scaling in `rope_parameters`.
+    "ministral3": MAPPED_KEYS,
 }
 FULL_CONTEXT = 32768  # max_position_embeddings written when no window is longer
 # rope_parameters keys of transformers' Ministral3 (yarn: `_compute_yarn_parameters`; both:
@@ -242,9 +241,7 @@ def hf_config(args: ModelArgs, torch_dtype: str) -> dict:
     if rope is not None:
         return _ministral3_config(args, rope, torch_dtype)
     windows = args.layer_windows
-    context = args.max_position_embeddings or max(
-        [FULL_CONTEXT, *(w for w in windows if w is not None)]
-    )
+    context = args.max_position_embeddings or default_context(windows)
     model_type = "mixtral" if args.moe else "mistral"
     window_keys: dict = {"sliding_window": windows[0]}
     if len(args.window_pattern) > 1:
@@ -285,6 +282,24 @@ def hf_config(args: ModelArgs, torch_dtype: str) -> dict:
             "num_experts_per_tok": args.moe.num_experts_per_tok,
         }
     return config
+
+
+def default_context(windows) -> int:
+    """max_position_embeddings the export writes for a params.json without one: 32768, or the
+    longest window if longer."""
+    return max([FULL_CONTEXT, *(w for w in windows if w is not None)])
+
+
+def _context(config: dict, windows) -> int | None:
+    """params.json's max_position_embeddings from a Mistral/Mixtral/Ministral config: its
+    value where it is not what the export writes for a params.json without one (transformers'
+    own 32768 included), so official → HF → official keeps it and HF folders saved with the
+    default gain no limit."""
+    value = config.get("max_position_embeddings")
+    layers = windows if isinstance(windows, list) else [windows]
+    if value is None or not all(w is None or type(w) is int for w in layers):
+        return value  # malformed windows: ModelArgs names them
+    return None if value == default_context(layers) else value
 
 
 def _common_keys(args: ModelArgs) -> dict:
@@ -362,10 +377,14 @@ def args_from_hf_config(config: dict) -> ModelArgs:
     heads = config["num_attention_heads"]
     if isinstance(heads, bool) or not isinstance(heads, int) or heads <= 0:
         raise ValueError(f"num_attention_heads must be a positive integer, got {heads!r}")
+    windows = _windows(config)
     if model_type == "ministral3":
         rope = _ministral3_rope(config)
     else:
-        rope = {"rope_theta": _rope_theta(config)}
+        rope = {
+            "rope_theta": _rope_theta(config),
+            "max_position_embeddings": _context(config, windows),
+        }
     return ModelArgs(
         dim=config["hidden_size"],
         n_layers=config["num_hidden_layers"],
@@ -375,7 +394,7 @@ def args_from_hf_config(config: dict) -> ModelArgs:
         n_kv_heads=config["num_key_value_heads"],
         norm_eps=config["rms_norm_eps"],
         vocab_size=config["vocab_size"],
-        sliding_window=_windows(config),
+        sliding_window=windows,
         moe=moe,
         tied_embeddings=tied,
         **rope,

@@ -220,6 +220,30 @@ def test_small31_hf_export_is_the_text_model(small31, tmp_path):
     assert relative_error(theirs, ours.numpy()) <= 1e-5
 
 
+def test_small31_text_round_trip_through_hf_keeps_max_position_embeddings(
+    make_checkpoint, tmp_path
+):
+    text = dataclasses.replace(SMALL_31, vision_encoder=None)
+    source = make_checkpoint(text, seed=4, weights_format="safetensors")
+    convert_checkpoint(source, tmp_path / "hf", layout="hf")
+    convert_checkpoint(tmp_path / "hf", tmp_path / "back")
+    ours, theirs = tensors_of(tmp_path / "back"), tensors_of(source)
+    assert list(ours) == list(theirs)
+    for name, record in theirs.items():
+        assert ours[name].array().tobytes() == record.array().tobytes(), name
+    assert params_of(tmp_path / "back") == params_of(source)
+    assert params_of(source)["max_position_embeddings"] == 131072
+    # A folder without one gets the export's default (32768), which maps back to none.
+    plain = make_checkpoint(tiny_args(vocab_size=32000), weights_format="safetensors")
+    convert_checkpoint(plain, tmp_path / "hf-plain", layout="hf")
+    assert (
+        json.loads((tmp_path / "hf-plain" / "config.json").read_text())["max_position_embeddings"]
+        == 32768
+    )
+    convert_checkpoint(tmp_path / "hf-plain", tmp_path / "back-plain")
+    assert "max_position_embeddings" not in params_of(tmp_path / "back-plain")
+
+
 # ---------------------------------------------------------------------------------------------
 # Ministral 3 layout: FP8, yarn, llama-4 scaling, tied embeddings, vision
 
