@@ -28,7 +28,13 @@ def _fail(message: str) -> None:
     show_default=True,
     help="Largest shard (decimal units as HF: 5GB = 5e9 bytes; GiB for binary).",
 )
-@dtype_option(TARGET_DTYPES, "keep", help="keep: byte-identical copy of every tensor.")
+@dtype_option(
+    TARGET_DTYPES,
+    "keep",
+    help="keep: byte-identical copy of every tensor (FP8 included). A dtype: the text "
+    "tensors cast to it, FP8 weights dequantized and their scales left out; vision tensors "
+    "are always copied as they are.",
+)
 @click.option(
     "--format",
     "layout",
@@ -37,17 +43,22 @@ def _fail(message: str) -> None:
     show_default=True,
     help="hf: transformers layout (HF names, config.json, wq/wk permuted).",
 )
+@click.option(
+    "--text-only",
+    is_flag=True,
+    help="Leave a vision encoder out (its tensors, and its keys in params.json).",
+)
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists.")
 @click.option("--check", "check", is_flag=True, help="Verify OUT against its manifest.")
 @json_option("Print a JSON summary on stdout.")
 @click.pass_context
-def main(ctx, paths, max_shard_size, dtype, layout, overwrite, check, as_json) -> None:
+def main(ctx, paths, max_shard_size, dtype, layout, text_only, overwrite, check, as_json) -> None:
     """Convert a Mistral checkpoint folder SRC (official, or HF transformers) into sharded
     safetensors in OUT."""
     if check:
         refuse_unused(
             ctx,
-            ["max_shard_size", "dtype", "layout", "overwrite"],
+            ["max_shard_size", "dtype", "layout", "text_only", "overwrite"],
             mode="--check",
             reason="--check converts nothing: it re-verifies OUT against its manifest",
         )
@@ -74,6 +85,7 @@ def main(ctx, paths, max_shard_size, dtype, layout, overwrite, check, as_json) -
             dtype=dtype,
             overwrite=overwrite,
             layout=layout,
+            text_only=text_only,
             progress=Progress("converting"),
         )
     except (CheckpointError, ValueError) as err:  # ValueError: an option's value
@@ -95,3 +107,9 @@ def main(ctx, paths, max_shard_size, dtype, layout, overwrite, check, as_json) -
             f"wrote {summary.out}: {summary.tensors} tensors in {summary.shards} shard(s), "
             f"{summary.bytes_written / 1e9:.2f} GB in {summary.seconds:.1f} s"
         )
+        if summary.carried:
+            click.echo(f"  carried {summary.carried} vision tensor(s) byte for byte")
+        if summary.dequantized:
+            click.echo(f"  dequantized {summary.dequantized} FP8 weight(s)")
+        for why, count in summary.left_out:
+            click.echo(f"  left out {count} tensor(s): {why}")

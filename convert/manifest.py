@@ -1,4 +1,5 @@
-"""The manifest of a converted folder: SHA-256 and size of every file, and the source."""
+"""The manifest of a converted folder: SHA-256 and size of every file, the source, and its
+`contents`: what was carried beside the text decoder, dequantized or left out, and why."""
 
 import hashlib
 import json
@@ -20,8 +21,12 @@ def sha256_file(path: Path, chunk: int = 16 * 2**20) -> str:
     return sha.hexdigest()
 
 
-def write_manifest(folder: Path, files: dict[str, dict], source: dict, layout: str) -> None:
+def write_manifest(
+    folder: Path, files: dict[str, dict], source: dict, layout: str, contents: dict | None = None
+) -> None:
     manifest = {"format": FORMAT, "layout": layout, "source": source, "files": files}
+    if contents is not None:
+        manifest["contents"] = contents
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2) + "\n")
 
 

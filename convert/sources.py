@@ -1,6 +1,7 @@
 """What the converter reads: an official folder, or an HF transformers folder mapped back to
 official names (wq/wk rows restored to interleaved-pair order on the fly; a head tied to the
-embeddings written out as output.weight)."""
+embeddings is `tied_embeddings: true` in params.json, with no output.weight, as the official
+tied releases have it)."""
 
 import dataclasses
 from collections.abc import Callable
@@ -55,7 +56,7 @@ def open_source(folder: Path) -> Source:
     config_path = folder / "config.json"
     config = read_json(config_path)
     try:
-        args, tied = args_from_hf_config(config)
+        args = args_from_hf_config(config)
     except KeyError as err:
         raise CheckpointError(config_path, f"missing key {err}") from None
     except (TypeError, ValueError, ZeroDivisionError) as err:
@@ -71,13 +72,10 @@ def open_source(folder: Path) -> Source:
     except ValueError as err:
         raise CheckpointError(blame, str(err)) from None
     tensors = {names[n]: record for n, record in stored.items()}
-    if tied:  # the head is the embedding table: materialise output.weight from it
-        if "output.weight" in tensors:
-            raise CheckpointError(
-                blame, "tie_word_embeddings is true but lm_head.weight is stored: ambiguous"
-            )
-        if "tok_embeddings.weight" in tensors:
-            tensors["output.weight"] = tensors["tok_embeddings.weight"]
+    if args.tied_embeddings and "output.weight" in tensors:
+        raise CheckpointError(
+            blame, "tie_word_embeddings is true but lm_head.weight is stored: ambiguous"
+        )
     roles = raise_spec_problems(blame, {k: (r.shape, r.dtype) for k, r in tensors.items()}, args)
     transforms = {}
     for name in tensors:

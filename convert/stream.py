@@ -13,6 +13,10 @@ The source is never memory-mapped: a mapped page past the end of a file that som
 meanwhile kills the process with SIGBUS, whereas a read or copy of it returns a short count,
 which becomes `SourceEnded` (and the caller's one-line error naming the file). What is hashed
 is what was written, so the digest always describes the output.
+
+A copy may also be inspected on the hashing thread (`copy_from(..., inspect=)`): the callback
+sees each chunk just written, as the hash does, so checking the bytes (the FP8 NaN check of
+`convert.fp8`) costs no extra read. Whatever it raises comes out of the next call on the writer.
 """
 
 import collections
@@ -22,6 +26,9 @@ import hashlib
 import mmap
 import os
 from collections.abc import Callable
+
+# inspect(chunk, start): a chunk of a copy just written, `start` bytes into the copy.
+Inspect = Callable[[memoryview, int], None]
 
 CHUNK_BYTES = 16 * 2**20
 IN_FLIGHT = 3  # chunks queued for hashing before the copy waits
@@ -70,16 +77,29 @@ class HashingWriter:
         self._sha.update(data)
         self._advance(len(data))
 
-    def copy_from(self, fd: int, offset: int, nbytes: int) -> None:
+    def write_owned(self, data: memoryview) -> None:
+        """Write a converted chunk the caller hands over (never touches it again); hashed on
+        the second thread while the caller makes the next one."""
+        self._drain(IN_FLIGHT - 1)
+        self._write_all(data)
+        self._pending.append(self._pool.submit(self._sha.update, data))
+        self._advance(len(data))
+
+    def copy_from(self, fd: int, offset: int, nbytes: int, inspect: Inspect | None = None) -> None:
         """Copy `nbytes` at `offset` of the open file `fd` to the end of this file;
-        SourceEnded if `fd` ends before `offset + nbytes`."""
+        SourceEnded if `fd` ends before `offset + nbytes`. `inspect` sees every chunk written,
+        on the hashing thread."""
         done = 0
         while done < nbytes:
             count = min(CHUNK_BYTES, nbytes - done)
             self._drain(IN_FLIGHT - 1)
-            got = self._copy_in_kernel(fd, offset + done, count) if self._kernel_copy else None
+            got = (
+                self._copy_in_kernel(fd, offset + done, count, inspect, done)
+                if self._kernel_copy
+                else None
+            )
             if got is None:  # no kernel copy on this platform or file system: via a buffer
-                got = self._copy_buffered(fd, offset + done, count)
+                got = self._copy_buffered(fd, offset + done, count, inspect, done)
             if got <= 0:
                 raise SourceEnded(nbytes, offset, done)
             done += got
@@ -96,7 +116,9 @@ class HashingWriter:
         self._pool.shutdown(cancel_futures=True)
         self._file.close()
 
-    def _copy_in_kernel(self, fd: int, offset: int, count: int) -> int | None:
+    def _copy_in_kernel(
+        self, fd: int, offset: int, count: int, inspect: Inspect | None, start: int
+    ) -> int | None:
         """Bytes copied (0: the source ends at `offset`); None: no kernel copy here."""
         try:
             got = os.copy_file_range(fd, self._file.fileno(), count, offset)
@@ -106,29 +128,45 @@ class HashingWriter:
             self._kernel_copy = False
             return None
         if got > 0:
-            self._pending.append(self._pool.submit(self._hash_written, self.size, got))
+            self._pending.append(
+                self._pool.submit(self._hash_written, self.size, got, inspect, start)
+            )
         return got
 
-    def _copy_buffered(self, fd: int, offset: int, count: int) -> int:
+    def _copy_buffered(
+        self, fd: int, offset: int, count: int, inspect: Inspect | None, start: int
+    ) -> int:
         buffer = self._buffers[self._next_buffer]  # free: at most IN_FLIGHT hashes pending
         self._next_buffer = (self._next_buffer + 1) % len(self._buffers)
         view = memoryview(buffer)[:count]
         got = os.preadv(fd, [view], offset)
         if got > 0:
             self._write_all(view[:got])
-            self._pending.append(self._pool.submit(self._sha.update, view[:got]))
+            self._pending.append(self._pool.submit(self._take, view[:got], inspect, start))
         return got
 
-    def _hash_written(self, position: int, count: int) -> None:
-        """Hash `count` bytes of this file at `position` (written, so never past its end)."""
-        start = position - position % mmap.ALLOCATIONGRANULARITY
+    def _take(self, chunk: memoryview, inspect: Inspect | None, start: int) -> None:
+        if inspect is not None:
+            inspect(chunk, start)
+        self._sha.update(chunk)
+
+    def _hash_written(
+        self, position: int, count: int, inspect: Inspect | None = None, start: int = 0
+    ) -> None:
+        """Hash (and inspect) `count` bytes of this file at `position` (written, so never past
+        its end)."""
+        first = position - position % mmap.ALLOCATIONGRANULARITY
         with (
             mmap.mmap(
-                self._file.fileno(), position + count - start, offset=start, access=mmap.ACCESS_READ
+                self._file.fileno(), position + count - first, offset=first, access=mmap.ACCESS_READ
             ) as m,
             memoryview(m) as view,
         ):
-            self._sha.update(view[position - start :])
+            chunk = view[position - first :]
+            try:
+                self._take(chunk, inspect, start)
+            finally:
+                chunk.release()
 
     def _write_all(self, view: memoryview) -> None:
         while view:

@@ -190,11 +190,11 @@ def test_disk_full_during_write(src, tmp_path, monkeypatch):
     calls = []
     real_copy = stream.HashingWriter.copy_from
 
-    def copy_until_full(self, fd, offset, nbytes):
+    def copy_until_full(self, fd, offset, nbytes, *rest):
         calls.append(nbytes)
         if len(calls) == 5:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_copy(self, fd, offset, nbytes)
+        real_copy(self, fd, offset, nbytes, *rest)
 
     monkeypatch.setattr(stream.HashingWriter, "copy_from", copy_until_full)
     convert_fails(src, tmp_path / "out", expect="cannot write (No space left on device)")
@@ -240,9 +240,9 @@ def test_a_directory_in_place_of_the_weights_names_the_source(src, tmp_path):
 def test_a_source_truncated_during_the_run_names_the_source(src, tmp_path, monkeypatch):
     real = stream.HashingWriter.copy_from
 
-    def truncate_then_copy(self, fd, offset, nbytes):
+    def truncate_then_copy(self, fd, offset, nbytes, *rest):
         os.truncate(src / "consolidated.00.pth", offset)  # someone cuts the file meanwhile
-        return real(self, fd, offset, nbytes)
+        return real(self, fd, offset, nbytes, *rest)
 
     monkeypatch.setattr(stream.HashingWriter, "copy_from", truncate_then_copy)
     message = convert_fails(src, tmp_path / "out", expect="consolidated.00.pth: changed while")
