@@ -1,5 +1,6 @@
 """ModelArgs: every params.json version of docs/formats.md parses; bad ones are refused clearly."""
 
+import dataclasses
 import json
 
 import pytest
@@ -75,8 +76,6 @@ def test_unknown_keys_are_refused_by_name(tmp_path):
     ("key", "value"),
     [
         ("lora", {"rank": 16, "scaling": 2.0}),
-        ("vision_encoder", {"hidden_size": 1024}),
-        ("quantization", {"qformat_weight": "fp8_e4m3"}),
         ("model_type", "mamba"),
     ],
 )
@@ -89,11 +88,94 @@ def test_keys_the_reference_reads_but_these_models_do_not_implement_are_refused(
 
 
 def test_runtime_keys_and_the_official_defaults_are_accepted():
-    extra = {"max_batch_size": 4, "max_seq_len": 32768, "model_type": "transformer"}
+    extra = {"max_batch_size": 4, "model_type": "transformer"}
     extra |= {"lora": None, "vision_encoder": None}
     assert ModelArgs.from_dict(VERSIONS["7b-v0.1"] | extra) == ModelArgs.from_dict(
         VERSIONS["7b-v0.1"]
     )
+
+
+# The 2025–26 sections as their releases write them (docs/formats.md).
+MINISTRAL3 = {
+    "yarn": {
+        "factor": 16,
+        "original_max_position_embeddings": 16384,
+        "beta": 32,
+        "alpha": 1,
+        "apply_scale": False,
+    },
+    "llama_4_scaling": {"original_max_position_embeddings": 16384, "beta": 0.1},
+    "max_position_embeddings": 262144,
+    "max_seq_len": 262144,
+    "tied_embeddings": True,
+    "quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "TENSOR"},
+    "multimodal": {"vision_encoder_args": {"hidden_size": 1024}},
+}
+
+
+def test_the_2025_sections_are_read():
+    args = ModelArgs.from_dict(VERSIONS["7b-v0.3"] | MINISTRAL3)
+    assert args.yarn.attention_factor == 1.0 and args.yarn.beta == 32
+    assert args.llama_4_scaling.beta == 0.1 and args.tied_embeddings
+    assert args.quantization.qscheme_act == "TENSOR" and args.has_vision
+    assert args.max_position_embeddings == args.max_seq_len == 262144
+    with_scale = MINISTRAL3["yarn"] | {"apply_scale": True, "factor": 64}
+    assert ModelArgs.from_dict(
+        VERSIONS["7b-v0.3"] | {"yarn": with_scale}
+    ).yarn.attention_factor == pytest.approx(1.4159, abs=1e-4)  # Medium 3.5's 0.1·ln 64 + 1
+    absent = {k: v for k, v in MINISTRAL3["yarn"].items() if k != "apply_scale"}
+    assert ModelArgs.from_dict(VERSIONS["7b-v0.3"] | {"yarn": absent}).yarn.apply_scale
+    # A vision encoder and FP8 storage describe the same text model as without them.
+    assert args.text_only() == dataclasses.replace(args, quantization=None)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"yarn": {"original_max_position_embeddings": 8}}, "yarn: missing key.*factor"),
+        (
+            {"yarn": {"factor": 4, "original_max_position_embeddings": 8, "gamma": 1}},
+            "yarn: unknown key.*gamma",
+        ),
+        (
+            {"yarn": {"factor": 4, "original_max_position_embeddings": 8, "apply_scale": "yes"}},
+            "apply_scale must be true or false",
+        ),
+        (
+            {"yarn": {"factor": -4, "original_max_position_embeddings": 8}},
+            "factor must be a finite positive",
+        ),
+        ({"llama_4_scaling": {"beta": 0.1}}, "llama_4_scaling: missing key.*original_max"),
+        ({"quantization": {"qformat_weight": "int4"}}, "qformat_weight 'int4' is unsupported"),
+        (
+            {"quantization": {"qformat_weight": "fp8_e4m3", "qscheme_act": "CHANNEL"}},
+            "qscheme_act 'CHANNEL'",
+        ),
+        (
+            {"multimodal": {"whisper_model_args": {"encoder_args": {}}}},
+            "whisper_model_args is unsupported .*Voxtral",
+        ),
+        ({"multimodal": {"audio": {}}}, "multimodal: unknown key 'audio'"),
+        ({"tied_embeddings": "yes"}, "tied_embeddings must be true or false"),
+        ({"max_position_embeddings": 0}, "max_position_embeddings must be a positive integer"),
+    ],
+    ids=[
+        "yarn-missing-factor",
+        "yarn-unknown-key",
+        "yarn-apply-scale-not-bool",
+        "yarn-negative-factor",
+        "llama4-missing-length",
+        "quantization-format",
+        "quantization-scheme",
+        "audio-refused",
+        "multimodal-unknown",
+        "tied-not-bool",
+        "zero-positions",
+    ],
+)
+def test_each_2025_key_is_checked_by_name(tmp_path, change, message):
+    with pytest.raises(CheckpointError, match=message):
+        ModelArgs.from_json(write_params(tmp_path, VERSIONS["7b-v0.3"] | change))
 
 
 def test_a_window_list_repeats_over_the_layers():
@@ -138,7 +220,7 @@ def test_the_vllm_alias_of_the_window_is_read():
         ({"sliding_window": [4096, 0]}, "sliding_window entries must be positive ints or null"),
         ({"sliding_window": [8, 8, 8]}, "3 entries, which does not divide n_layers \\(32\\)"),
         ({"sliding_window": []}, "sliding_window must be a positive integer, a list or null"),
-        ({"moe": {"num_experts": 2, "num_experts_per_tok": 3}}, "exceeds moe.num_experts"),
+        ({"moe": {"num_experts": 2, "num_experts_per_tok": 3}}, "moe: .* exceeds num_experts"),
         ({"moe": {"num_experts": 2}}, "moe: .*missing key"),
     ],
     ids=[
