@@ -27,12 +27,19 @@ from checkpoint.sections import (
     from_section,
 )
 
-__all__ = ["MAX_SIZE", "ModelArgs", "MoeArgs", "cache_slots"]
+__all__ = ["MAX_SIZE", "ModelArgs", "MoeArgs", "cache_slots", "cached_shapes"]
 
 # Keys some params.json files carry that describe the runtime, not the weights.
 IGNORED_KEYS = frozenset({"max_batch_size"})
 # Keys that change the model in ways these models do not implement.
-UNSUPPORTED_KEYS = {"lora": "LoRA adapters"}
+_LARGE_4 = "Mistral Large 4's sparse-attention indexer, NoPE layers and KV sharing"
+UNSUPPORTED_KEYS = {
+    "lora": "LoRA adapters",
+    "quantization_config": "block-FP8 (compressed-tensors) weights; use the release's BF16 repo",
+    "no_rope_layers": _LARGE_4,
+    "kv_source_layers": _LARGE_4,
+    "index_topk": _LARGE_4,
+}
 # The sections of a params.json, each a dataclass (checkpoint/sections.py).
 SECTIONS = {
     "moe": MoeArgs,
@@ -74,8 +81,19 @@ class ModelArgs:
     # A vision encoder beside the text decoder: carried, not modelled (compared as equal).
     vision_encoder: dict | None = dataclasses.field(default=None, compare=False, hash=False)
     multimodal: dict | None = dataclasses.field(default=None, compare=False, hash=False)
+    # Multi-head latent attention (Mistral Small 4, Large 3): queries through a q_lora_rank
+    # bottleneck, keys and values from a kv_lora_rank latent plus one shared rope key; each
+    # head's query/key is [nope | rope] (head_dim = nope + rope), its value v_head_dim wide.
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_nope_head_dim: int | None = None
+    qk_rope_head_dim: int | None = None
+    v_head_dim: int | None = None
 
     def __post_init__(self):
+        if self.head_dim is None and self.latent:
+            _check_positive_ints(self, ("qk_nope_head_dim", "qk_rope_head_dim"))
+            object.__setattr__(self, "head_dim", self.qk_nope_head_dim + self.qk_rope_head_dim)
         if self.head_dim is None and isinstance(self.n_heads, int) and self.n_heads > 0:
             object.__setattr__(self, "head_dim", self.dim // self.n_heads)
         _check_positive_ints(
@@ -116,6 +134,17 @@ class ModelArgs:
             raise ValueError("vision_encoder must be an object")
         if self.multimodal is not None:
             _check_multimodal(self.multimodal)
+        _check_latent(self)
+
+    @property
+    def latent(self) -> bool:
+        """Whether attention is multi-head latent attention (MLA)."""
+        return self.kv_lora_rank is not None
+
+    @property
+    def dense_layers(self) -> int:
+        """How many layers, first, have a dense FFN before the MoE ones (fine-grained MoE)."""
+        return self.moe.first_k_dense_replace if self.moe is not None else 0
 
     @property
     def has_vision(self) -> bool:
@@ -216,6 +245,32 @@ class ModelArgs:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
 
+MLA_KEYS = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
+def _check_latent(args: ModelArgs) -> None:
+    given = [k for k in MLA_KEYS if getattr(args, k) is not None]
+    if not given:
+        return
+    if args.kv_lora_rank is None or args.q_lora_rank is None:
+        raise ValueError(
+            "latent attention needs q_lora_rank and kv_lora_rank (a null q_lora_rank, a plain "
+            "attention.wq, appears in no release and is unsupported)"
+        )
+    _check_positive_ints(args, MLA_KEYS)
+    if args.head_dim != args.qk_nope_head_dim + args.qk_rope_head_dim:
+        raise ValueError(
+            f"head_dim ({args.head_dim}) must be qk_nope_head_dim + qk_rope_head_dim "
+            f"({args.qk_nope_head_dim} + {args.qk_rope_head_dim})"
+        )
+    if args.n_kv_heads != args.n_heads:
+        raise ValueError("latent attention needs n_kv_heads = n_heads")
+    if args.qk_rope_head_dim % 2:
+        raise ValueError("qk_rope_head_dim must be even for rotary embeddings")
+    if args.sliding_window is not None:
+        raise ValueError("latent attention with a sliding window is unsupported")
+
+
 def _check_multimodal(value) -> None:
     if not isinstance(value, dict):
         raise ValueError("multimodal must be an object")
@@ -244,6 +299,15 @@ def _check_windows(window, n_layers: int) -> None:
         raise ValueError(
             f"sliding_window has {len(window)} entries, which does not divide n_layers ({n_layers})"
         )
+
+
+def cached_shapes(args: ModelArgs) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """What a KV cache keeps per token and layer: keys and values (kv heads × head_dim each), or,
+    for latent attention, the kv latent and the shared rope key (576 values for Large 3 instead
+    of 2 × 128 × 160 expanded)."""
+    if args.latent:
+        return (args.kv_lora_rank,), (args.qk_rope_head_dim,)
+    return (args.n_kv_heads, args.head_dim), (args.n_kv_heads, args.head_dim)
 
 
 def cache_slots(window: int | None, capacity: int) -> int:

@@ -5,8 +5,10 @@ A `Piece` reads named values (the block's input `x`, earlier pieces' outputs, or
 caller supplies: `rope`, `positions`, `cached`) and writes named outputs. `run_pieces` runs a
 block's pieces in order, so the forward *is* the declaration: what verify judges piece by
 piece is what the forward computes. A piece may be a module or a plain function, take several
-inputs and give several outputs (integers too: a router's chosen experts). Framework-free: the
-torch reference and the JAX port each build their own list from their own modules.
+inputs and give several outputs (integers too: a router's chosen experts). An integer output
+`X` chosen as the top-k of a float output `X_scores` of the same piece is compared tie-aware
+(verify/metrics.py `MismatchSums`). Framework-free: the torch reference and the JAX port each
+build their own list from their own modules.
 """
 
 import dataclasses

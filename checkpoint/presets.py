@@ -76,6 +76,48 @@ PRESETS: dict[str, ModelArgs] = {
     "ministral-3-8b": ModelArgs(**_MINISTRAL3, dim=4096, n_layers=34, hidden_dim=14336),
     # mistralai/Ministral-3-14B-Instruct-2512 (hidden_dim from the published 13.5B: 16384)
     "ministral-3-14b": ModelArgs(**_MINISTRAL3, dim=5120, n_layers=40, hidden_dim=16384),
+    # mistralai/Mistral-Large-3-675B-Instruct-2512 (text decoder): latent attention, 128
+    # experts top-4 + 1 shared, 3 dense layers first
+    "large-3-675b": ModelArgs(
+        dim=7168,
+        n_layers=61,
+        hidden_dim=16384,
+        n_heads=128,
+        n_kv_heads=128,
+        norm_eps=1e-6,
+        vocab_size=131072,
+        rope_theta=10000.0,
+        max_position_embeddings=294912,
+        max_seq_len=262144,
+        q_lora_rank=1536,
+        kv_lora_rank=512,
+        qk_nope_head_dim=128,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        moe=MoeArgs(128, 4, num_shared_experts=1, expert_hidden_dim=4096, first_k_dense_replace=3),
+        yarn=YarnArgs(factor=36.0, original_max_position_embeddings=8192, apply_scale=False),
+        llama_4_scaling=Llama4ScalingArgs(original_max_position_embeddings=8192, beta=0.1),
+    ),
+    # mistralai/Mistral-Small-4-119B-2603 (text decoder): every layer routed
+    "small-4-119b": ModelArgs(
+        dim=4096,
+        n_layers=36,
+        hidden_dim=12288,
+        n_heads=32,
+        n_kv_heads=32,
+        norm_eps=1e-6,
+        vocab_size=131072,
+        rope_theta=10000.0,
+        max_position_embeddings=1048576,
+        q_lora_rank=1024,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=64,
+        v_head_dim=128,
+        moe=MoeArgs(128, 4, num_shared_experts=1, expert_hidden_dim=2048),
+        yarn=YarnArgs(factor=128.0, original_max_position_embeddings=8192, apply_scale=False),
+        llama_4_scaling=Llama4ScalingArgs(original_max_position_embeddings=8192, beta=0.1),
+    ),
     # mistralai/Mistral-Large-Instruct-2407
     "large-2-123b": ModelArgs(
         dim=12288,

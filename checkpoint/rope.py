@@ -45,9 +45,17 @@ def _correction_range(yarn: YarnArgs, dim: int, theta: float) -> tuple[float, fl
     return low, high + 0.001 if low == high else high
 
 
+def rotary_dim(args: ModelArgs) -> int:
+    """The dimensions RoPE rotates: the whole head, or a latent attention head's rope part."""
+    return args.qk_rope_head_dim if args.latent else args.head_dim
+
+
 def rope_magnitude(args: ModelArgs) -> float:
-    """What cos and sin are multiplied by (YaRN's attention factor; 1 for plain RoPE)."""
-    return 1.0 if args.yarn is None else args.yarn.attention_factor
+    """What cos and sin are multiplied by: YaRN's attention factor, 1 for plain RoPE and for
+    latent attention (whose YaRN magnitude goes on the softmax scale instead)."""
+    if args.yarn is None or args.latent:
+        return 1.0
+    return args.yarn.attention_factor
 
 
 def llama_4_scale(positions: np.ndarray, scaling: Llama4ScalingArgs) -> np.ndarray:

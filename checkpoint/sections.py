@@ -64,11 +64,27 @@ def from_section(cls, value: Any, section: str):
 
 @dataclasses.dataclass(frozen=True)
 class MoeArgs:
-    """The `moe` block. Mixtral: route each token to the top `num_experts_per_tok` experts by
-    gate logit, softmax over those k."""
+    """The `moe` block.
+
+    Mixtral (`num_experts`, `num_experts_per_tok` only): route each token to the top k experts
+    by gate logit, softmax over those k. Fine-grained (Mistral Small 4, Large 3: the other keys
+    given): a softmax over all routed experts, the top `num_expert_groups_per_tok` groups by
+    the sum of each group's two best scores, the top k experts within them, their scores
+    renormalised to sum to 1 and × `routed_scale`; plus `num_shared_experts` always-on experts
+    of width `expert_hidden_dim` each, and dense FFNs in the first `first_k_dense_replace`
+    layers. `expert_parallel` / `expert_model_parallel` are deployment hints (no effect).
+    """
 
     num_experts: int
     num_experts_per_tok: int
+    num_shared_experts: int | None = None  # None: Mixtral; set: fine-grained routing
+    expert_hidden_dim: int | None = None  # None: the model's hidden_dim (Mixtral)
+    first_k_dense_replace: int = 0
+    route_every_n: int = 1
+    routed_scale: float = 1.0
+    num_expert_groups: int = 1
+    num_expert_groups_per_tok: int = 1
+    HINTS: ClassVar[frozenset[str]] = frozenset({"expert_parallel", "expert_model_parallel"})
 
     def __post_init__(self):
         positive_int(self, "num_experts")
@@ -78,6 +94,37 @@ class MoeArgs:
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds "
                 f"num_experts ({self.num_experts})"
             )
+        if self.num_shared_experts is None:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for name in ("first_k_dense_replace", "routed_scale", "num_expert_groups"):
+                if getattr(self, name) != defaults[name]:
+                    raise ValueError(f"{name} needs num_shared_experts (fine-grained routing)")
+            return
+        positive_int(self, "num_shared_experts", zero=True)
+        if self.expert_hidden_dim is None:
+            raise ValueError("fine-grained routing needs expert_hidden_dim")
+        positive_int(self, "expert_hidden_dim")
+        positive_int(self, "first_k_dense_replace", zero=True)
+        if self.route_every_n != 1:
+            raise ValueError(
+                f"route_every_n {self.route_every_n} is unsupported (only 1: every layer after "
+                "the dense ones routes)"
+            )
+        positive_number(self, "routed_scale")
+        positive_int(self, "num_expert_groups")
+        positive_int(self, "num_expert_groups_per_tok")
+        groups, chosen = self.num_expert_groups, self.num_expert_groups_per_tok
+        if self.num_experts % groups or chosen > groups:
+            raise ValueError(
+                f"num_expert_groups ({groups}) must divide num_experts ({self.num_experts}) "
+                f"and be at least num_expert_groups_per_tok ({chosen})"
+            )
+        if self.num_experts_per_tok > chosen * self.num_experts // groups:
+            raise ValueError("num_experts_per_tok exceeds the experts of the chosen groups")
+
+    @property
+    def fine_grained(self) -> bool:
+        return self.num_shared_experts is not None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,40 +13,64 @@ from checkpoint.args import ModelArgs
 Shape = tuple[int, ...]
 
 
-def layer_spec(args: ModelArgs) -> dict[str, Shape]:
-    """Shapes of one block's tensors, keyed by the name after `layers.N.`."""
-    q_out = args.n_heads * args.head_dim
-    kv_out = args.n_kv_heads * args.head_dim
-    spec: dict[str, Shape] = {
-        "attention.wq.weight": (q_out, args.dim),
-        "attention.wk.weight": (kv_out, args.dim),
-        "attention.wv.weight": (kv_out, args.dim),
-        "attention.wo.weight": (args.dim, q_out),
-    }
-    if args.moe is None:
-        spec |= {
-            "feed_forward.w1.weight": (args.hidden_dim, args.dim),
-            "feed_forward.w2.weight": (args.dim, args.hidden_dim),
-            "feed_forward.w3.weight": (args.hidden_dim, args.dim),
-        }
-    else:
-        spec["feed_forward.gate.weight"] = (args.moe.num_experts, args.dim)
-        for e in range(args.moe.num_experts):
-            spec |= {
-                f"feed_forward.experts.{e}.w1.weight": (args.hidden_dim, args.dim),
-                f"feed_forward.experts.{e}.w2.weight": (args.dim, args.hidden_dim),
-                f"feed_forward.experts.{e}.w3.weight": (args.hidden_dim, args.dim),
-            }
-    spec |= {"attention_norm.weight": (args.dim,), "ffn_norm.weight": (args.dim,)}
+def layer_spec(args: ModelArgs, i: int = -1) -> dict[str, Shape]:
+    """Shapes of block i's tensors (default: the last block's kind), keyed by the name after
+    `layers.N.` — the first `args.dense_layers` blocks have a dense FFN."""
+    spec = _attention_spec(args)
+    d, moe = args.dim, args.moe
+    if moe is None or i % args.n_layers < args.dense_layers:
+        spec |= _ffn("feed_forward", args.hidden_dim, d)
+    elif moe.fine_grained:  # Mistral Small 4 / Large 3: at the block's top level
+        spec["gate.weight"] = (moe.num_experts, d)
+        if moe.num_shared_experts:
+            spec |= _ffn("shared_experts", moe.num_shared_experts * moe.expert_hidden_dim, d)
+        for e in range(moe.num_experts):
+            spec |= _ffn(f"experts.{e}", moe.expert_hidden_dim, d)
+    else:  # Mixtral
+        spec["feed_forward.gate.weight"] = (moe.num_experts, d)
+        for e in range(moe.num_experts):
+            spec |= _ffn(f"feed_forward.experts.{e}", args.hidden_dim, d)
+    spec |= {"attention_norm.weight": (d,), "ffn_norm.weight": (d,)}
     return spec
+
+
+def _attention_spec(args: ModelArgs) -> dict[str, Shape]:
+    d, h = args.dim, args.n_heads
+    if args.latent:
+        rope, nope, v = args.qk_rope_head_dim, args.qk_nope_head_dim, args.v_head_dim
+        return {
+            "attention.wq_a.weight": (args.q_lora_rank, d),
+            "attention.q_a_norm.weight": (args.q_lora_rank,),
+            "attention.wq_b.weight": (h * (nope + rope), args.q_lora_rank),
+            "attention.wkv_a_with_mqa.weight": (args.kv_lora_rank + rope, d),
+            "attention.kv_a_norm.weight": (args.kv_lora_rank,),
+            "attention.wkv_b.weight": (h * (nope + v), args.kv_lora_rank),
+            "attention.wo.weight": (d, h * v),
+        }
+    q_out, kv_out = h * args.head_dim, args.n_kv_heads * args.head_dim
+    return {
+        "attention.wq.weight": (q_out, d),
+        "attention.wk.weight": (kv_out, d),
+        "attention.wv.weight": (kv_out, d),
+        "attention.wo.weight": (d, q_out),
+    }
+
+
+def _ffn(prefix: str, hidden: int, dim: int) -> dict[str, Shape]:
+    return {
+        f"{prefix}.w1.weight": (hidden, dim),
+        f"{prefix}.w2.weight": (dim, hidden),
+        f"{prefix}.w3.weight": (hidden, dim),
+    }
 
 
 def tensor_spec(args: ModelArgs) -> dict[str, Shape]:
     """Every text-decoder tensor in model order: embeddings, blocks, final norm, head (none
     when the head is tied to the embeddings)."""
     spec: dict[str, Shape] = {"tok_embeddings.weight": (args.vocab_size, args.dim)}
-    per_layer = layer_spec(args)
+    first, last = layer_spec(args, 0), layer_spec(args, args.n_layers - 1)
     for i in range(args.n_layers):
+        per_layer = first if i < args.dense_layers else last
         spec |= {f"layers.{i}.{name}": shape for name, shape in per_layer.items()}
     spec["norm.weight"] = (args.dim,)
     if not args.tied_embeddings:

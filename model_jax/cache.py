@@ -11,13 +11,15 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, Shaped
 
-from checkpoint.args import ModelArgs, cache_slots
+from checkpoint.args import ModelArgs, cache_slots, cached_shapes
 from checkpoint.dtypes import jax_dtype
 
 
 class KVCache(eqx.Module):
-    k: tuple[Float[Array, "groups _slots kv_heads head_dim"], ...]  # one per pattern position
-    v: tuple[Float[Array, "groups _slots kv_heads head_dim"], ...]
+    # One per pattern position: keys and values (groups, slots, kv_heads, head_dim), or for
+    # latent attention the kv latent (groups, slots, kv_lora_rank) and rope key (…, rope).
+    k: tuple[Float[Array, "groups _slots *per_token"], ...]
+    v: tuple[Float[Array, "groups _slots *per_token2"], ...]
     positions: tuple[Int[Array, " _slots"], ...]
 
     @classmethod
@@ -27,11 +29,11 @@ class KVCache(eqx.Module):
         pattern = args.window_pattern
         groups = args.n_layers // len(pattern)
         k, v, positions = [], [], []
+        first, second = cached_shapes(args)  # keys and values, or the latent and rope key
         for window in pattern:
             slots = cache_slots(window, capacity)
-            shape = (groups, slots, args.n_kv_heads, args.head_dim)
-            k.append(jnp.zeros(shape, dtype))
-            v.append(jnp.zeros(shape, dtype))
+            k.append(jnp.zeros((groups, slots, *first), dtype))
+            v.append(jnp.zeros((groups, slots, *second), dtype))
             positions.append(jnp.full((slots,), -1, jnp.int32))
         return cls(tuple(k), tuple(v), tuple(positions))
 

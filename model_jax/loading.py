@@ -95,9 +95,9 @@ class PortLoader:
         self.checkpoint = open_folder(folder)
         self.args = self.checkpoint.args
         self.fp8 = fp8_weights(self.checkpoint)
-        self.sizes = {"layers": self.args.n_layers}
-        if self.args.moe is not None:
-            self.sizes["experts"] = self.args.moe.num_experts
+        dense = self.args.dense_layers
+        # Each stack of blocks: its first layer and how many (the dense-first ones, the rest).
+        self.layout = {"dense_layers": (0, dense), "layers": (dense, self.args.n_layers - dense)}
 
     def skeleton(self, dtype, args: ModelArgs | None = None) -> Transformer:
         """This folder's model as shapes, FP8 where the folder stores FP8."""
@@ -106,7 +106,7 @@ class PortLoader:
     def model(self, *, dtype="bfloat16", mesh: Mesh | None = None) -> Transformer:
         """Every parameter in `dtype` (FP8 weights stay FP8); every tensor of the text
         decoder and every weight scale placed exactly once."""
-        model, used = self._fill(self.skeleton(dtype), mesh, lambda spec: True)
+        model, used = self._fill(self.skeleton(dtype), mesh, lambda spec: True, self.layout)
         roles = self.checkpoint.roles
         wanted = set(tensor_spec(self.args)) | set(roles.weight_scales)
         assert used == wanted, f"tensors not placed in the model: {sorted(wanted - used)}"
@@ -115,7 +115,8 @@ class PortLoader:
     def shell(self, *, dtype="bfloat16", mesh: Mesh | None = None) -> Transformer:
         """Embeddings, final norm and head loaded; the blocks are shapes only (nothing
         allocated), for running the model one block at a time."""
-        model, _ = self._fill(self.skeleton(dtype), mesh, lambda s: "layers" not in s.stacks)
+        wanted = lambda spec: "layers" not in spec.stacks  # noqa: E731
+        model, _ = self._fill(self.skeleton(dtype), mesh, wanted, self.layout)
         return model
 
     def group(self, g: int, *, dtype="bfloat16", mesh: Mesh | None = None) -> TransformerBlock:
@@ -123,22 +124,31 @@ class PortLoader:
         slices them out of the whole model (`Transformer.group`); block k of them is
         `model_jax.model.group_block(group, k, window)`, as in the forward."""
         layers = self.args.layer_groups[g]
-        part = self.skeleton(dtype, dataclasses.replace(self.args, n_layers=len(layers)))
-        sizes = self.sizes | {"layers": len(layers)}
-        wanted = lambda spec: "layers" in spec.stacks  # noqa: E731
-        model, _ = self._fill(part, mesh, wanted, sizes, {"layers": layers[0]})
-        return model.layers
+        dense = layers[0] < self.args.dense_layers
+        part = dataclasses.replace(self.args, n_layers=len(layers))
+        if part.moe is not None:  # a part of dense layers, or of routed ones
+            routed_from = len(layers) if dense else 0
+            part = dataclasses.replace(
+                part, moe=dataclasses.replace(part.moe, first_k_dense_replace=routed_from)
+            )
+        stack = "dense_layers" if dense else "layers"
+        wanted = lambda spec: spec.path[0].name == stack  # noqa: E731
+        layout = {stack: (layers[0], len(layers))}
+        model, _ = self._fill(self.skeleton(dtype, part), mesh, wanted, layout)
+        return getattr(model, stack)
 
-    def _fill(self, shapes, mesh, wanted: Callable[[LeafSpec], bool], sizes=None, first=None):
-        """`shapes` with its wanted leaves read from the checkpoint; the names used. `sizes`
-        and `first`: the length and first index of each stacking axis (default: all)."""
+    def _fill(self, shapes, mesh, wanted: Callable[[LeafSpec], bool], layout: dict):
+        """`shapes` with its wanted leaves read from the checkpoint; the names used. `layout`:
+        each stack of blocks' first layer and length."""
         leaves, treedef = jax.tree_util.tree_flatten(shapes)
         filled, used = [], set()
+        experts = {"experts": self.args.moe.num_experts} if self.args.moe else {}
         for spec, leaf in zip(leaf_specs(shapes), leaves, strict=True):
             if not wanted(spec):
                 filled.append(leaf)
                 continue
-            names = spec.names(sizes or self.sizes, first)
+            first, count = layout.get(spec.path[0].name, (0, 0))
+            names = spec.names(experts | {"layers": count}, {"layers": first})
             used.update(names.flat)
             filled.append(self._read(names, spec, leaf, mesh))
         return jax.tree_util.tree_unflatten(treedef, filled), used

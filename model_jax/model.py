@@ -16,145 +16,20 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
-from jaxtyping import Array, Bool, Float, Int, Shaped
+from jaxtyping import Array, Float, Int
 
 from checkpoint.args import ModelArgs
 from checkpoint.pieces import Piece, run_pieces
-from checkpoint.sections import Llama4ScalingArgs
+from checkpoint.sections import MoeArgs
+from model_jax.attention import Attention, attention_mask
 from model_jax.cache import KVCache, write_slots
-from model_jax.moe import MoeFeedForward
-from model_jax.rope import apply_rotary, llama_4_scaled, rotary_angles
+from model_jax.latent import LatentAttention
+from model_jax.layers import HIGHEST, Embedding, Linear, RMSNorm
+from model_jax.moe import MoeFeedForward, fine_grained_route, sparse_mix
+from model_jax.rope import rotary_angles
 from model_jax.structure import sharded, stacked
 
-HIGHEST = lax.Precision.HIGHEST  # fp32 matmuls stay fp32 on GPU/TPU (no TF32)
-
-
-class Linear(eqx.Module):
-    """A bias-free linear layer in torch layout, its weight in the compute dtype or in FP8
-    with `qscale_weight` beside it (weight-only FP8: dequantized inside the matmul, the
-    product in fp32 then rounded to the compute dtype, as the reference dequantizes at load)."""
-
-    weight: Shaped[Array, "*stack out in"]  # leading axes when stacked
-    # 1 per tensor, or 1 per row; placed like the weight's rows (model_jax.structure).
-    qscale_weight: Float[Array, "*stack scales"] | None = eqx.field(
-        default=None, metadata={"rows_of": "weight"}
-    )
-
-    def __call__(self, x: Float[Array, "seq in"]) -> Float[Array, "seq out"]:
-        return jnp.matmul(x, self.dequantized(x.dtype).T, precision=HIGHEST)
-
-    def dequantized(self, dtype) -> Float[Array, "out in"]:
-        if self.qscale_weight is None:
-            return self.weight
-        real = self.weight.astype(jnp.float32) * self.qscale_weight.reshape(-1, 1)
-        return real.astype(dtype)
-
-    @classmethod
-    def zeros(cls, out: int, in_: int, dtype) -> "Linear":
-        return cls(jnp.zeros((out, in_), dtype))
-
-
-class Embedding(eqx.Module):
-    weight: Float[Array, "vocab dim"]
-
-    def __call__(self, tokens: Int[Array, " seq"]) -> Float[Array, "seq dim"]:
-        return self.weight[tokens]
-
-
-class RMSNorm(eqx.Module):
-    weight: Float[Array, "*stack dim"]
-    eps: float = eqx.field(static=True)
-
-    def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
-        xf = x.astype(jnp.float32)
-        normed = xf * lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return normed.astype(x.dtype) * self.weight
-
-    @classmethod
-    def zeros(cls, args: ModelArgs, dtype) -> "RMSNorm":
-        return cls(jnp.zeros((args.dim,), dtype), args.norm_eps)
-
-
-def attention_mask(
-    q_pos: Int[Array, " q"], k_pos: Int[Array, " k"], window: int | None
-) -> Bool[Array, "q k"]:
-    """Key visible iff it is filled, causal, and fewer than W positions back."""
-    q, k = q_pos[:, None], k_pos[None, :]
-    visible = (k >= 0) & (k <= q)
-    if window is not None:
-        visible &= q - k < window
-    return visible
-
-
-class Attention(eqx.Module):
-    wq: Linear = sharded("model", None)  # rows: heads
-    wk: Linear = sharded("model", None)
-    wv: Linear = sharded("model", None)
-    wo: Linear = sharded(None, "model")  # columns: heads
-    n_heads: int = eqx.field(static=True)
-    n_kv_heads: int = eqx.field(static=True)
-    head_dim: int = eqx.field(static=True)
-    sliding_window: int | None = eqx.field(static=True)
-    llama_4_scaling: Llama4ScalingArgs | None = eqx.field(static=True)
-
-    def project(
-        self, x: Float[Array, "seq dim"], rope: tuple[Array, Array], positions: Int[Array, " seq"]
-    ) -> tuple[
-        Float[Array, "seq heads head_dim"],
-        Float[Array, "seq kv_heads head_dim"],
-        Float[Array, "seq kv_heads head_dim"],
-    ]:
-        """Queries, keys and values of x; queries and keys rotated by `rope` (cos, sin),
-        queries then scaled for their positions (Llama-4 scaling, where the config has it)."""
-        T = x.shape[0]
-        cos, sin = rope
-        xq = apply_rotary(self.wq(x).reshape(T, self.n_heads, self.head_dim), cos, sin)
-        xk = apply_rotary(self.wk(x).reshape(T, self.n_kv_heads, self.head_dim), cos, sin)
-        xq = llama_4_scaled(xq, positions, self.llama_4_scaling)
-        return xq, xk, self.wv(x).reshape(T, self.n_kv_heads, self.head_dim)
-
-    def attend(
-        self,
-        xq: Float[Array, "seq heads head_dim"],
-        xk: Float[Array, "seq kv_heads head_dim"],
-        xv: Float[Array, "seq kv_heads head_dim"],
-        positions: Int[Array, " seq"],
-        cached: tuple[Array, Array, Array] | None = None,
-    ) -> Float[Array, "seq dim"]:
-        """The queries attend over the cached keys and the chunk's own."""
-        T, rep = xq.shape[0], self.n_heads // self.n_kv_heads
-        keys, values, key_pos = xk, xv, positions
-        if cached is not None:
-            cache_k, cache_v, cache_pos = cached
-            keys = jnp.concatenate([cache_k, xk])
-            values = jnp.concatenate([cache_v, xv])
-            key_pos = jnp.concatenate([cache_pos, positions])
-
-        # Query head h reads kv head h // rep, as the reference's repeat_interleave.
-        q = xq.reshape(T, self.n_kv_heads, rep, self.head_dim)
-        scores = jnp.einsum("tgrd,sgd->grts", q, keys, precision=HIGHEST)
-        # The reference multiplies bf16 scores by a Python float: fp32 product, one rounding.
-        scores = (scores.astype(jnp.float32) * self.head_dim**-0.5).astype(xq.dtype)
-        visible = attention_mask(positions, key_pos, self.sliding_window)
-        scores = jnp.where(visible, scores.astype(jnp.float32), jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(xq.dtype)
-        out = jnp.einsum("grts,sgd->tgrd", probs, values, precision=HIGHEST)
-        return self.wo(out.reshape(T, -1))
-
-    @classmethod
-    def zeros(cls, args: ModelArgs, window: int | None, dtype) -> "Attention":
-        q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-        return cls(
-            Linear.zeros(q, args.dim, dtype),
-            Linear.zeros(kv, args.dim, dtype),
-            Linear.zeros(kv, args.dim, dtype),
-            Linear.zeros(args.dim, q, dtype),
-            args.n_heads,
-            args.n_kv_heads,
-            args.head_dim,
-            window,
-            args.llama_4_scaling,
-        )
+__all__ = ["HIGHEST", "Attention", "Embedding", "Linear", "RMSNorm", "attention_mask"]
 
 
 class FeedForward(eqx.Module):
@@ -170,32 +45,66 @@ class FeedForward(eqx.Module):
         return (Piece("feed_forward", self, (x,), (out,)),)
 
     @classmethod
-    def zeros(cls, args: ModelArgs, dtype) -> "FeedForward":
+    def zeros(cls, args: ModelArgs, dtype, hidden_dim: int | None = None) -> "FeedForward":
+        hidden = hidden_dim or args.hidden_dim
         return cls(
-            Linear.zeros(args.hidden_dim, args.dim, dtype),
-            Linear.zeros(args.dim, args.hidden_dim, dtype),
-            Linear.zeros(args.hidden_dim, args.dim, dtype),
+            Linear.zeros(hidden, args.dim, dtype),
+            Linear.zeros(args.dim, hidden, dtype),
+            Linear.zeros(hidden, args.dim, dtype),
         )
 
 
 class TransformerBlock(eqx.Module):
-    attention: Attention
-    feed_forward: FeedForward | MoeFeedForward
+    """Attention (grouped-query or latent) and an FFN: dense, Mixtral's MoE, or the
+    fine-grained MoE whose `gate`, `experts` and `shared_experts` sit at the block's top level
+    — as `reference_torch.model.TransformerBlock`."""
+
+    attention: Attention | LatentAttention
+    feed_forward: FeedForward | MoeFeedForward | None
     attention_norm: RMSNorm = sharded(None)
     ffn_norm: RMSNorm = sharded(None)
+    gate: Linear | None = sharded(None, None, default=None)  # fine-grained MoE: the router
+    experts: FeedForward | None = stacked("experts", "model", default=None)  # whole, per device
+    shared_experts: FeedForward | None = None
+    moe: MoeArgs | None = eqx.field(static=True, default=None)  # fine-grained routing
 
     def pieces(self) -> tuple[Piece, ...]:
         """The forward, step by step (`checkpoint.pieces`), as `reference_torch` declares it."""
-        attention = self.attention
         return (
             Piece("attention_norm", self.attention_norm, ("x",), ("x_normed",)),
-            Piece("qkv", attention.project, ("x_normed", "rope", "positions"), ("q", "k", "v")),
-            Piece("attention", attention.attend, ("q", "k", "v", "positions", "cached"), ("attn",)),
+            *self.attention.pieces("x_normed", "attn"),
             Piece("attention_residual", jnp.add, ("x", "attn"), ("h",), judged=False),
             Piece("ffn_norm", self.ffn_norm, ("h",), ("h_normed",)),
-            *self.feed_forward.pieces("h_normed", "ffn"),
+            *self._ffn_pieces("h_normed", "ffn"),
             Piece("ffn_residual", jnp.add, ("h", "ffn"), ("out",), judged=False),
         )
+
+    def _ffn_pieces(self, x: str, out: str) -> tuple[Piece, ...]:
+        if self.moe is None:
+            return self.feed_forward.pieces(x, out)
+        return (
+            Piece("router", self.route, (x,), ("expert_weights", "experts", "experts_scores")),
+            Piece("experts", self.mix, (x, "expert_weights", "experts"), ("routed",)),
+            Piece("shared_experts", self.shared, (x,), ("shared",)),
+            Piece("moe_sum", jnp.add, ("routed", "shared"), (out,), judged=False),
+        )
+
+    def route(
+        self, x: Float[Array, "seq dim"]
+    ) -> tuple[Float[Array, "seq k"], Int[Array, "seq k"], Float[Array, "seq experts"]]:
+        """Fine-grained routing, the gate in fp32 (as the reference); with the scores."""
+        logits = jnp.matmul(
+            x.astype(jnp.float32), self.gate.dequantized(jnp.float32).T, precision=HIGHEST
+        )
+        return fine_grained_route(logits, self.moe)
+
+    def mix(self, x, weights, selected) -> Float[Array, "seq dim"]:
+        return sparse_mix(self.experts, x, weights, selected)
+
+    def shared(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
+        if self.shared_experts is None:
+            return jnp.zeros_like(x)
+        return self.shared_experts(x)
 
     def __call__(
         self,
@@ -203,34 +112,46 @@ class TransformerBlock(eqx.Module):
         rope: tuple[Array, Array],
         positions: Int[Array, " seq"],
         cached: tuple[Array, Array, Array] | None = None,
-    ) -> tuple[
-        Float[Array, "seq dim"],
-        Float[Array, "seq kv_heads head_dim"],
-        Float[Array, "seq kv_heads head_dim"],
-    ]:
-        """(seq, dim) → (seq, dim), plus the chunk's keys and values for the cache."""
+    ) -> tuple[Float[Array, "seq dim"], Array, Array]:
+        """(seq, dim) → (seq, dim), plus what the cache keeps of the chunk (keys and values,
+        or the latent and the rope key)."""
         values = run_pieces(
             self.pieces(), {"x": x, "rope": rope, "positions": positions, "cached": cached}
         )
-        return values["out"], values["k"], values["v"]
+        first, second = self.attention.cached_values
+        return values["out"], values[first], values[second]
 
     def with_window(self, window: int | None) -> "TransformerBlock":
         """The same block attending over `window` keys (None: all)."""
+        if isinstance(self.attention, LatentAttention):
+            return self
         attention = dataclasses.replace(self.attention, sliding_window=window)
         return eqx.tree_at(lambda b: b.attention, self, attention)
 
     @classmethod
-    def zeros(cls, args: ModelArgs, window: int | None, dtype) -> "TransformerBlock":
-        if args.moe is None:
-            feed_forward = FeedForward.zeros(args, dtype)
-        else:
+    def zeros(cls, args: ModelArgs, window: int | None, dtype, routed: bool) -> "TransformerBlock":
+        """A block of `args`; `routed`: its FFN is the MoE (else dense)."""
+        kind = LatentAttention if args.latent else Attention
+        norms = (RMSNorm.zeros(args.dim, args.norm_eps, dtype),) * 2
+        if routed and args.moe.fine_grained:
+            moe = args.moe
+            experts = eqx.filter_vmap(
+                lambda _: FeedForward.zeros(args, dtype, moe.expert_hidden_dim)
+            )(jnp.arange(moe.num_experts))
+            shared = moe.num_shared_experts * moe.expert_hidden_dim
+            return cls(
+                kind.zeros(args, window, dtype),
+                None,
+                *norms,
+                Linear.zeros(moe.num_experts, args.dim, dtype),
+                experts,
+                FeedForward.zeros(args, dtype, shared) if shared else None,
+                moe,
+            )
+        feed_forward = FeedForward.zeros(args, dtype)
+        if routed:
             feed_forward = MoeFeedForward.zeros(args, dtype, FeedForward.zeros, Linear.zeros)
-        return cls(
-            Attention.zeros(args, window, dtype),
-            feed_forward,
-            RMSNorm.zeros(args, dtype),
-            RMSNorm.zeros(args, dtype),
-        )
+        return cls(kind.zeros(args, window, dtype), feed_forward, *norms)
 
 
 def group_block(group: TransformerBlock, k: int, window: int | None) -> TransformerBlock:
@@ -265,7 +186,10 @@ def run_group(
 class Transformer(eqx.Module):
     tok_embeddings: Embedding = sharded(None, "model")  # over dim
     # Every leaf stacked over a leading `layers` axis; each layer's window is applied from
-    # `args.window_pattern` when a block is taken out of the stack (`group_block`).
+    # `args.window_pattern` when a block is taken out of the stack (`group_block`). The first
+    # `args.dense_layers` blocks (dense FFNs before the MoE ones) are a stack of their own, named
+    # `layers.N` in the checkpoint all the same.
+    dense_layers: TransformerBlock | None = stacked("layers", checkpoint="layers")
     layers: TransformerBlock = stacked("layers")
     norm: RMSNorm = sharded(None)
     output: Linear | None = sharded("model", None)  # over the vocabulary; None: tied
@@ -274,29 +198,42 @@ class Transformer(eqx.Module):
     @classmethod
     def zeros(cls, args: ModelArgs, dtype) -> "Transformer":
         """The model with every parameter zero (under `eqx.filter_eval_shape`: shapes only)."""
-        layers = eqx.filter_vmap(lambda _: TransformerBlock.zeros(args, None, dtype))(
-            jnp.arange(args.n_layers)
-        )
+
+        def stack(count: int, routed: bool) -> TransformerBlock:
+            return eqx.filter_vmap(lambda _: TransformerBlock.zeros(args, None, dtype, routed))(
+                jnp.arange(count)
+            )
+
+        dense = args.dense_layers
         return cls(
             Embedding(jnp.zeros((args.vocab_size, args.dim), dtype)),
-            layers,
-            RMSNorm.zeros(args, dtype),
+            stack(dense, routed=False) if dense else None,
+            stack(args.n_layers - dense, routed=args.moe is not None),
+            RMSNorm.zeros(args.dim, args.norm_eps, dtype),
             None if args.tied_embeddings else Linear.zeros(args.vocab_size, args.dim, dtype),
             args,
         )
 
-    def groups(self) -> TransformerBlock:
-        """The stacked blocks regrouped by window-pattern period: leaves [groups, period, …]
+    def stacks(self) -> tuple[tuple[TransformerBlock, int], ...]:
+        """The stacks of blocks in order, each with the index of its first layer."""
+        main = ((self.layers, self.args.dense_layers),)
+        return main if self.dense_layers is None else ((self.dense_layers, 0), *main)
+
+    def groups(self, stack: TransformerBlock) -> TransformerBlock:
+        """A stack of blocks regrouped by window-pattern period: leaves [groups, period, …]
         (a view, no copy), as the forward's scan runs them."""
         period = len(self.args.window_pattern)
-        params, static = eqx.partition(self.layers, eqx.is_array)
+        params, static = eqx.partition(stack, eqx.is_array)
         grouped = jax.tree.map(lambda x: x.reshape(-1, period, *x.shape[1:]), params)
         return eqx.combine(grouped, static)
 
     def group(self, g: int) -> TransformerBlock:
-        """Group g of `groups()`: the blocks the scan's body runs at step g."""
-        params, static = eqx.partition(self.groups(), eqx.is_array)
-        return eqx.combine(jax.tree.map(lambda x: x[g], params), static)
+        """The blocks the scan's body runs for `args.layer_groups[g]`."""
+        first = self.args.layer_groups[g][0]
+        stack, start = next((s, i) for s, i in reversed(self.stacks()) if first >= i)
+        params, static = eqx.partition(self.groups(stack), eqx.is_array)
+        index = (first - start) // len(self.args.window_pattern)
+        return eqx.combine(jax.tree.map(lambda x: x[index], params), static)
 
     def block(self, i: int) -> TransformerBlock:
         """Block i exactly as the forward runs it (its group's slice, its window)."""
@@ -359,10 +296,10 @@ def run_layers(
 ) -> tuple[Float[Array, "seq dim"], Float[Array, "layers_plus_1 seq dim"] | None, KVCache | None]:
     """Embeddings → blocks; with a cache, attend to it and update it.
 
-    The layers run as a scan of `run_group` over groups of one window-pattern period (a
-    single layer when every layer has the same window): the compiled program does not grow
-    with depth. Returns the last block's output, the embeddings and every block's output if
-    `collect_hidden`, and the new cache.
+    Each stack of blocks (the dense-first ones, then the rest) runs as a scan of `run_group`
+    over groups of one window-pattern period (a single layer when every layer has the same
+    window): the compiled program does not grow with depth. Returns the last block's output,
+    the embeddings and every block's output if `collect_hidden`, and the new cache.
     """
     pattern = model.args.window_pattern
     rope = model.rotary(positions)
@@ -370,27 +307,36 @@ def run_layers(
     def scan_body(h, xs):
         group, stored = xs
         cached = None if stored is None else (*stored, cache.positions)
-        outs, xk, xv = run_group(group, pattern, h, rope, positions, cached)
+        outs, first, second = run_group(group, pattern, h, rope, positions, cached)
         new = None
         if cached is not None:
-            new = (
-                tuple(write_slots(b, x, positions) for b, x in zip(stored[0], xk, strict=True)),
-                tuple(write_slots(b, x, positions) for b, x in zip(stored[1], xv, strict=True)),
+            new = tuple(
+                tuple(write_slots(b, x, positions) for b, x in zip(buffers, xs, strict=True))
+                for buffers, xs in zip(stored, (first, second), strict=True)
             )
         return outs[-1], (outs if collect_hidden else None, new)
 
-    h0 = model.embed(tokens)
-    stored = None if cache is None else (cache.k, cache.v)
-    h, (outs, new) = lax.scan(scan_body, h0, (model.groups(), stored))
-    hidden = None
-    if collect_hidden:
-        hidden = jnp.concatenate([h0[None], outs.reshape(-1, *outs.shape[2:])])
+    h = h0 = model.embed(tokens)
+    hidden, updated = [h0[None]], []
+    for stack, start in model.stacks():
+        groups = model.groups(stack)
+        count = jax.tree.leaves(groups)[0].shape[0]
+        first_group = start // len(pattern)
+        stored = None
+        if cache is not None:  # this stack's groups of the cache
+            span = slice(first_group, first_group + count)
+            stored = tuple(tuple(b[span] for b in buffers) for buffers in (cache.k, cache.v))
+        h, (outs, new) = lax.scan(scan_body, h, (groups, stored))
+        if collect_hidden:
+            hidden.append(outs.reshape(-1, *outs.shape[2:]))
+        updated.append(new)
     if cache is not None:
-        new_k, new_v = new
-        cache = KVCache(
-            new_k, new_v, tuple(write_slots(p, positions, positions) for p in cache.positions)
+        k, v = (
+            tuple(jnp.concatenate(parts) for parts in zip(*(u[i] for u in updated), strict=True))
+            for i in (0, 1)
         )
-    return h, hidden, cache
+        cache = KVCache(k, v, tuple(write_slots(p, positions, positions) for p in cache.positions))
+    return h, jnp.concatenate(hidden) if collect_hidden else None, cache
 
 
 def _logits(model, tokens, positions, cache, *, collect_hidden):

@@ -17,6 +17,8 @@ from jaxtyping import Array, Float, Int
 
 from checkpoint.args import ModelArgs
 from checkpoint.pieces import Piece
+from checkpoint.sections import MoeArgs
+from model_jax.layers import HIGHEST
 from model_jax.structure import sharded, stacked
 
 
@@ -36,9 +38,11 @@ class MoeFeedForward(eqx.Module):
 
     def route(
         self, x: Float[Array, "seq dim"]
-    ) -> tuple[Float[Array, "seq k"], Int[Array, "seq k"]]:
-        """Each token's top-k experts and their weights, best first."""
-        return route(self.gate(x), self.num_experts_per_tok)
+    ) -> tuple[Float[Array, "seq k"], Int[Array, "seq k"], Float[Array, "seq experts"]]:
+        """Each token's top-k experts and their weights, best first; and the gate logits they
+        were chosen from."""
+        logits = self.gate(x)
+        return *route(logits, self.num_experts_per_tok), logits
 
     def mix(
         self,
@@ -56,12 +60,13 @@ class MoeFeedForward(eqx.Module):
         return out
 
     def __call__(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
-        return self.mix(x, *self.route(x))
+        weights, selected, _ = self.route(x)
+        return self.mix(x, weights, selected)
 
     def pieces(self, x: str, out: str) -> tuple[Piece, ...]:
         """As `reference_torch.moe.MoeLayer.pieces`."""
         return (
-            Piece("router", self.route, (x,), ("expert_weights", "experts")),
+            Piece("router", self.route, (x,), ("expert_weights", "experts", "experts_scores")),
             Piece("experts", self.mix, (x, "expert_weights", "experts"), (out,)),
         )
 
@@ -76,3 +81,79 @@ class MoeFeedForward(eqx.Module):
         )
         gate = make_gate(args.moe.num_experts, args.dim, dtype)
         return cls(gate, experts, args.moe.num_experts_per_tok)
+
+
+def fine_grained_route(
+    logits: Float[Array, "seq experts"], moe: MoeArgs
+) -> tuple[Float[Array, "seq k"], Int[Array, "seq k"], Float[Array, "seq experts"]]:
+    """As `reference_torch.moe.FineGrainedMoe.route`, from fp32 gate logits: a softmax over
+    all experts, the best groups by the sum of their two best scores, the top k experts in them
+    (ties: the lower index), their scores renormalised and × routed_scale (fp32)."""
+    scores = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    choice = scores
+    if moe.num_expert_groups > 1:
+        grouped = scores.reshape(*scores.shape[:-1], moe.num_expert_groups, -1)
+        group_scores = lax.top_k(grouped, 2)[0].sum(-1)
+        chosen = lax.top_k(group_scores, moe.num_expert_groups_per_tok)[1]
+        keep = jnp.any(chosen[..., None] == jnp.arange(moe.num_expert_groups), axis=-2)
+        choice = jnp.where(keep[..., None], grouped, jnp.zeros_like(grouped)).reshape(scores.shape)
+    selected = lax.top_k(choice, moe.num_experts_per_tok)[1]
+    weights = jnp.take_along_axis(scores, selected, axis=-1)
+    weights = weights / (weights.sum(-1, keepdims=True) + 1e-20) * moe.routed_scale
+    return weights, selected, scores
+
+
+def sparse_mix(
+    experts: eqx.Module,
+    x: Float[Array, "seq dim"],
+    weights: Float[Array, "seq k"],
+    selected: Int[Array, "seq k"],
+) -> Float[Array, "seq dim"]:
+    """The chosen experts only (grouped matmuls over the token–expert pairs sorted by expert,
+    `lax.ragged_dot`), each token's k outputs weighted and summed in expert order in x's
+    dtype, as the reference accumulates them. `experts`: a FeedForward stacked over experts.
+    Under `vmap` (a batch of sequences) the batch is folded into the tokens: one grouped
+    matmul for all of them (`lax.ragged_dot` has no batching rule of its own)."""
+    return _sparse_mix(experts, x, weights, selected)
+
+
+@jax.custom_batching.custom_vmap
+def _sparse_mix(experts, x, weights, selected):
+    return _sparse_tokens(experts, x, weights, selected)
+
+
+@_sparse_mix.def_vmap
+def _sparse_mix_batched(axis_size, in_batched, experts, x, weights, selected):
+    if any(jax.tree.leaves(in_batched[0])):
+        raise NotImplementedError("experts batched over sequences")
+
+    def fold(a, batched):  # (batch, seq, …) → (batch·seq, …)
+        a = a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+        return a.reshape(-1, *a.shape[2:])
+
+    tokens = [fold(a, b) for a, b in zip((x, weights, selected), in_batched[1:], strict=True)]
+    out = _sparse_tokens(experts, *tokens)
+    return out.reshape(axis_size, -1, out.shape[-1]), True
+
+
+def _sparse_tokens(experts, x, weights, selected):
+    T, k = selected.shape
+    flat = selected.reshape(-1)
+    order = jnp.argsort(flat, stable=True)  # token-expert pairs grouped by expert
+    sizes = jnp.bincount(flat, length=experts.w1.weight.shape[0])
+    xs = x[order // k]
+
+    def grouped(linear, h):
+        weight = linear.dequantized(h.dtype)  # (experts, out, in)
+        return lax.ragged_dot(h, weight.transpose(0, 2, 1), sizes, precision=HIGHEST)
+
+    gate = jax.nn.silu(grouped(experts.w1, xs).astype(jnp.float32)).astype(x.dtype)
+    ys = grouped(experts.w2, gate * grouped(experts.w3, xs))
+    ys = jnp.zeros_like(ys).at[order].set(ys).reshape(T, k, -1)  # back to (token, slot)
+    contributions = weights.astype(x.dtype)[..., None] * ys
+    by_expert = jnp.argsort(selected, axis=-1, stable=True)
+    contributions = jnp.take_along_axis(contributions, by_expert[..., None], axis=1)
+    out = jnp.zeros_like(x)
+    for j in range(k):  # sequential, in expert order, as the reference's per-expert loop
+        out = out + contributions[:, j]
+    return out

@@ -6,7 +6,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from checkpoint.args import ModelArgs
-from checkpoint.rope import rope_frequencies, rope_magnitude
+from checkpoint.rope import rope_frequencies, rope_magnitude, rotary_dim
 from checkpoint.sections import Llama4ScalingArgs
 
 
@@ -14,7 +14,7 @@ def rotary_angles(
     positions: Int[Array, " seq"], args: ModelArgs
 ) -> tuple[Float[Array, "seq half"], Float[Array, "seq half"]]:
     """cos and sin of position × frequency (fp32), times YaRN's attention factor."""
-    freqs = jnp.asarray(rope_frequencies(args.head_dim, args.rope_theta, args.yarn, np.float32))
+    freqs = jnp.asarray(rope_frequencies(rotary_dim(args), args.rope_theta, args.yarn, np.float32))
     angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]
     magnitude = rope_magnitude(args)
     return jnp.cos(angles) * magnitude, jnp.sin(angles) * magnitude

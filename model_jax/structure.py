@@ -22,9 +22,11 @@ def sharded(*axes: str | None, **kwargs):
     return eqx.field(metadata={"sharded": axes}, **kwargs)
 
 
-def stacked(axis: str, mesh_axis: str | None = None, **kwargs):
-    """A field whose every leaf has a leading `axis` (layers, experts) split over `mesh_axis`."""
-    return eqx.field(metadata={"stacked": (axis, mesh_axis)}, **kwargs)
+def stacked(axis: str, mesh_axis: str | None = None, checkpoint: str | None = None, **kwargs):
+    """A field whose every leaf has a leading `axis` (layers, experts) split over `mesh_axis`;
+    `checkpoint`: the name its leaves have in the checkpoint, if not the field's."""
+    metadata = {"stacked": (axis, mesh_axis)} | ({"checkpoint": checkpoint} if checkpoint else {})
+    return eqx.field(metadata=metadata, **kwargs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +73,7 @@ def _spec(model, path) -> LeafSpec:
     owner = model
     for key in path:
         field = {f.name: f for f in dataclasses.fields(owner)}[key.name]
-        name.append(key.name)
+        name.append(field.metadata.get("checkpoint", key.name))
         if "stacked" in field.metadata:
             axis, mesh_axis = field.metadata["stacked"]
             stacks.append(axis)

@@ -10,7 +10,7 @@ by these positions, so the buffer never needs to be un-rolled.
 
 import torch
 
-from checkpoint.args import ModelArgs, cache_slots
+from checkpoint.args import ModelArgs, cache_slots, cached_shapes
 
 
 class RollingKVCache:
@@ -26,11 +26,12 @@ class RollingKVCache:
         """`capacity` is the longest sequence to be cached."""
         self.capacity = capacity
         self.k, self.v, self.positions = [], [], []
+        first, second = cached_shapes(args)  # keys and values, or the latent and rope key
         for window in args.layer_windows:
-            shape = (batch, cache_slots(window, capacity), args.n_kv_heads, args.head_dim)
-            self.k.append(torch.zeros(shape, dtype=dtype, device=device))
-            self.v.append(torch.zeros(shape, dtype=dtype, device=device))
-            self.positions.append(torch.full(shape[1:2], -1, dtype=torch.long, device=device))
+            slots = cache_slots(window, capacity)
+            self.k.append(torch.zeros((batch, slots, *first), dtype=dtype, device=device))
+            self.v.append(torch.zeros((batch, slots, *second), dtype=dtype, device=device))
+            self.positions.append(torch.full((slots,), -1, dtype=torch.long, device=device))
         self.length = 0  # tokens seen so far
 
     def next_positions(self, n: int) -> torch.Tensor:

@@ -171,6 +171,6 @@ class ReferenceLoader:
         with torch.device("meta"):
             block = make_block(self.args, i)
         prefix = f"layers.{i}."
-        names = {name: prefix + name for name in layer_spec(self.args)}
+        names = {name: prefix + name for name in layer_spec(self.args, i)}
         self._assign(block, names, dtype, device)
         return block.eval().requires_grad_(False)

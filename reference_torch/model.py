@@ -14,21 +14,11 @@ from torch import nn
 from checkpoint.args import ModelArgs
 from checkpoint.pieces import Piece, run_pieces
 from reference_torch.cache import RollingKVCache
-from reference_torch.moe import MoeLayer
+from reference_torch.latent import LatentAttention
+from reference_torch.moe import FineGrainedMoe, MoeLayer
+from reference_torch.norm import RMSNorm
 from reference_torch.precision import at_least_fp32
 from reference_torch.rope import apply_rotary_emb, freqs_cis, llama_4_scaled
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = at_least_fp32(x)
-        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return normed.type_as(x) * self.weight
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -41,6 +31,8 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None)
 
 
 class Attention(nn.Module):
+    cached_values = ("k", "v")  # what the cache holds per token
+
     def __init__(self, args: ModelArgs, window: int | None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
@@ -92,13 +84,20 @@ class Attention(nn.Module):
         out = torch.einsum("bhqk,bkhd->bqhd", probs, values).reshape(B, T, -1)
         return self.wo(out)
 
+    def pieces(self, x: str, out: str) -> tuple[Piece, ...]:
+        return (
+            Piece("qkv", self.project, (x, "rope", "positions"), ("q", "k", "v")),
+            Piece("attention", self.attend, ("q", "k", "v", "positions", "cached"), (out,)),
+        )
+
 
 class FeedForward(nn.Module):
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, hidden_dim: int | None = None):
         super().__init__()
-        self.w1 = nn.Linear(args.dim, args.hidden_dim, bias=False)
-        self.w2 = nn.Linear(args.hidden_dim, args.dim, bias=False)
-        self.w3 = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        hidden_dim = hidden_dim or args.hidden_dim
+        self.w1 = nn.Linear(args.dim, hidden_dim, bias=False)
+        self.w2 = nn.Linear(hidden_dim, args.dim, bias=False)
+        self.w3 = nn.Linear(args.dim, hidden_dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.w2(F.silu(self.w1(x)) * self.w3(x))
@@ -108,37 +107,54 @@ class FeedForward(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, args: ModelArgs, window: int | None):
+    """Attention (grouped-query or latent) and an FFN (dense, Mixtral's MoE, or the
+    fine-grained MoE whose gate and experts sit at the block's top level)."""
+
+    def __init__(self, args: ModelArgs, window: int | None, routed: bool):
         super().__init__()
-        self.attention = Attention(args, window)
-        self.feed_forward = MoeLayer(args, FeedForward) if args.moe else FeedForward(args)
+        self.attention = LatentAttention(args, window) if args.latent else Attention(args, window)
+        self.moe = None
+        if routed and args.moe.fine_grained:
+            self.gate = nn.Linear(args.dim, args.moe.num_experts, bias=False)
+            hidden = args.moe.expert_hidden_dim
+            self.experts = nn.ModuleList(
+                FeedForward(args, hidden) for _ in range(args.moe.num_experts)
+            )
+            shared = args.moe.num_shared_experts * hidden
+            self.shared_experts = FeedForward(args, shared) if shared else None
+            self.moe = FineGrainedMoe(args, self.gate, self.experts, self.shared_experts)
+        else:
+            self.feed_forward = MoeLayer(args, FeedForward) if routed else FeedForward(args)
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
     def pieces(self) -> tuple[Piece, ...]:
         """The forward, step by step (`checkpoint.pieces`); verify judges each step."""
-        attention = self.attention
+        ffn = self.moe if self.moe is not None else self.feed_forward
         return (
             Piece("attention_norm", self.attention_norm, ("x",), ("x_normed",)),
-            Piece("qkv", attention.project, ("x_normed", "rope", "positions"), ("q", "k", "v")),
-            Piece("attention", attention.attend, ("q", "k", "v", "positions", "cached"), ("attn",)),
+            *self.attention.pieces("x_normed", "attn"),
             Piece("attention_residual", torch.add, ("x", "attn"), ("h",), judged=False),
             Piece("ffn_norm", self.ffn_norm, ("h",), ("h_normed",)),
-            *self.feed_forward.pieces("h_normed", "ffn"),
+            *ffn.pieces("h_normed", "ffn"),
             Piece("ffn_residual", torch.add, ("h", "ffn"), ("out",), judged=False),
         )
 
     def forward(self, x, cis, positions, cached=None):
-        """(B, T, dim) → (B, T, dim), plus the chunk's keys and values for the cache."""
+        """(B, T, dim) → (B, T, dim), plus what the cache keeps of the chunk (keys and values,
+        or the latent and the rope key)."""
         values = run_pieces(
             self.pieces(), {"x": x, "rope": cis, "positions": positions, "cached": cached}
         )
-        return values["out"], values["k"], values["v"]
+        first, second = self.attention.cached_values
+        return values["out"], values[first], values[second]
 
 
 def make_block(args: ModelArgs, i: int) -> TransformerBlock:
-    """Block i as the model builds it: the one constructor of a layer (whole model or streamed)."""
-    return TransformerBlock(args, args.layer_windows[i])
+    """Block i as the model builds it: the one constructor of a layer (whole model or streamed):
+    its window, and its FFN kind (dense for the first `dense_layers`, else routed if MoE)."""
+    routed = args.moe is not None and i >= args.dense_layers
+    return TransformerBlock(args, args.layer_windows[i], routed)
 
 
 class Transformer(nn.Module):

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from checkpoint.args import ModelArgs
-from checkpoint.rope import rope_frequencies, rope_magnitude
+from checkpoint.rope import rope_frequencies, rope_magnitude, rotary_dim
 from checkpoint.sections import Llama4ScalingArgs
 from reference_torch.precision import at_least_fp32
 
@@ -17,7 +17,7 @@ def freqs_cis(positions: torch.Tensor, args: ModelArgs, dtype: torch.dtype) -> t
     YaRN's attention factor (1 for plain RoPE); angles position × frequency in `dtype`."""
     numpy_dtype = np.float64 if dtype == torch.float64 else np.float32
     freqs = torch.from_numpy(
-        rope_frequencies(args.head_dim, args.rope_theta, args.yarn, numpy_dtype)
+        rope_frequencies(rotary_dim(args), args.rope_theta, args.yarn, numpy_dtype)
     )
     angles = torch.outer(positions.to("cpu", dtype), freqs)
     magnitude = torch.full_like(angles, rope_magnitude(args))

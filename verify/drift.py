@@ -249,8 +249,10 @@ class _GroupRun:
                 reference = _reference_output(traced, name, output)
                 exact = truth[name][output]
                 if _is_integer(exact):
-                    sums.port16_mismatch.add(value, exact)
-                    sums.ref16_mismatch.add(reference, exact)
+                    scores = f"{output}_scores"  # what it was chosen from (checkpoint.pieces)
+                    truth_scores = truth[name].get(scores)
+                    sums.port16_mismatch.add(value, exact, outputs.get(scores), truth_scores)
+                    sums.ref16_mismatch.add(reference, exact, traced.get(scores), truth_scores)
                     continue
                 scale = error_scale(_tokens(exact))
                 sums.port16.add(_tokens(value), _tokens(exact), scale)
@@ -262,7 +264,10 @@ class _GroupRun:
             for output, value in outputs.items():
                 reference = _reference_output(traced, name, output)
                 if _is_integer(reference):
-                    sums.port32_mismatch.add(value, reference)
+                    scores = f"{output}_scores"
+                    sums.port32_mismatch.add(
+                        value, reference, outputs.get(scores), traced.get(scores)
+                    )
                 else:
                     sums.port32.add(_tokens(value), _tokens(reference))
 

@@ -116,7 +116,8 @@ def piece_result(name: str, sums: list[PieceSums], bf16: bool, t: Thresholds) ->
         for which in ("port16", "ref16", "port32")
     }
     integer = mismatches["port32"].count > 0
-    rated = bf16 and port16.count > 0
+    exact = bf16 and port16.count > 0 and ref16.rms == 0  # computed in fp32 by both
+    rated = bf16 and port16.count > 0 and not exact
     pooled = token_weighted_ratio(port16, ref16, t.token_weight_cap) if rated else None
     prompts = [token_weighted_ratio(s.port16, s.ref16, t.token_weight_cap) for s in sums]
     base = t.teacher_forced_bf16_ratio
@@ -134,6 +135,11 @@ def piece_result(name: str, sums: list[PieceSums], bf16: bool, t: Thresholds) ->
         integer_mismatch_bf16=mismatches["port16"].fraction if integer and bf16 else None,
         integer_mismatch_ref16=mismatches["ref16"].fraction if integer and bf16 else None,
         integer_mismatch_fp32=mismatches["port32"].fraction if integer else None,
+        integer_tokens=mismatches["port32"].count,
+        integer_unexplained_bf16=mismatches["port16"].unexplained if integer and bf16 else None,
+        integer_unexplained_ref16=mismatches["ref16"].unexplained if integer and bf16 else None,
+        integer_unexplained_fp32=mismatches["port32"].unexplained if integer else None,
+        bf16_exact_error=port16.rms if exact else None,
     )
 
 
@@ -152,6 +158,34 @@ def piece_failures(p: PieceResult, t: Thresholds) -> list[str]:
         failures.append(
             f"{p.piece}: teacher-forced fp32 error {p.fp32_error:.2e} "
             f"> {t.teacher_forced_fp32_error:g}"
+        )
+    if exceeds(p.bf16_exact_error, t.teacher_forced_fp32_error):
+        failures.append(
+            f"{p.piece}: computed in fp32 in a bf16 run, error {p.bf16_exact_error:.2e} "
+            f"> {t.teacher_forced_fp32_error:g}"
+        )
+    failures += routing_failures(p)
+    return failures
+
+
+def routing_failures(p: PieceResult) -> list[str]:
+    """An integer output (a router's choice) may differ from the truth's, beyond near-ties,
+    on no more tokens than the reference's own bf16 run does plus a binomial margin (bf16), and
+    on none in fp32."""
+    failures = []
+    if p.integer_unexplained_bf16 is not None:
+        baseline = p.integer_unexplained_ref16
+        allowed = math.floor(baseline + 3 * math.sqrt(baseline + 1))
+        if p.integer_unexplained_bf16 > allowed:
+            failures.append(
+                f"{p.piece}: {p.integer_unexplained_bf16} of {p.integer_tokens} tokens choose "
+                f"other experts than the fp32 reference (not near-ties); the reference's own "
+                f"bf16 run: {baseline}, at most {allowed} allowed"
+            )
+    if p.integer_unexplained_fp32:
+        failures.append(
+            f"{p.piece}: {p.integer_unexplained_fp32} of {p.integer_tokens} tokens choose other "
+            "experts than the reference in fp32 (not near-ties)"
         )
     return failures
 

@@ -127,21 +127,40 @@ def token_weighted_ratio(port: ErrorSums, ref: ErrorSums, cap: float) -> TokenRa
 @dataclasses.dataclass
 class MismatchSums:
     """Running count of tokens whose integer values (a router's chosen experts, as a set)
-    differ from the truth's."""
+    differ from the truth's, and of those that are near-ties: given the scores they were chosen
+    from (`checkpoint.pieces`: an output `X_scores` beside `X`), a swap is a near-tie when the
+    truth prefers its own set by less than what the two score vectors differ by at that token
+    (2k× the largest score difference) — rounding, not a fault."""
 
     differing: int = 0
+    near_ties: int = 0
     count: int = 0
 
-    def add(self, x, truth) -> None:
+    def add(self, x, truth, scores=None, truth_scores=None) -> None:
         x, truth = np.asarray(x), np.asarray(truth)
-        x, truth = np.sort(x.reshape(len(x), -1), -1), np.sort(truth.reshape(len(truth), -1), -1)
-        self.differing += int(np.any(x != truth, axis=-1).sum())
+        x, truth = x.reshape(len(x), -1), truth.reshape(len(truth), -1)
+        differ = np.any(np.sort(x, -1) != np.sort(truth, -1), axis=-1)
+        self.differing += int(differ.sum())
         self.count += len(x)
+        if scores is None or not differ.any():
+            return
+        scores = np.asarray(scores, np.float64).reshape(len(x), -1)[differ]
+        truth_scores = np.asarray(truth_scores, np.float64).reshape(len(x), -1)[differ]
+        rows = np.arange(len(scores))[:, None]
+        gap = truth_scores[rows, truth[differ]].sum(-1) - truth_scores[rows, x[differ]].sum(-1)
+        noise = 2 * x.shape[1] * np.abs(scores - truth_scores).max(-1)
+        self.near_ties += int(np.sum(gap <= noise))
 
     def __iadd__(self, other: "MismatchSums") -> "MismatchSums":
         self.differing += other.differing
+        self.near_ties += other.near_ties
         self.count += other.count
         return self
+
+    @property
+    def unexplained(self) -> int:
+        """Differing tokens that are not near-ties."""
+        return self.differing - self.near_ties
 
     @property
     def fraction(self) -> float:

@@ -206,6 +206,14 @@ def _layers_section(r: Report) -> list[str]:
     ]
 
 
+def _piece_cell(piece: PieceResult | None, bf16: bool) -> str:
+    if piece is None:
+        return ""
+    if bf16 and piece.bf16_exact_error is not None:  # computed in fp32 in both
+        return f"fp32 {_g(piece.bf16_exact_error)}"
+    return _g(piece.bf16_ratio if bf16 else piece.fp32_error)
+
+
 def _mismatch(piece: PieceResult, bf16: bool) -> float:
     return piece.integer_mismatch_bf16 if bf16 else piece.integer_mismatch_fp32
 
@@ -220,9 +228,7 @@ def _pieces_section(r: Report) -> list[str]:
         cells = []
         for name in names:
             piece = by_name.get(name)
-            cells.append(
-                "" if piece is None else _g(piece.bf16_ratio if bf16 else piece.fp32_error)
-            )
+            cells.append(_piece_cell(piece, bf16))
         mismatch = [
             f"{p.piece} {100 * _mismatch(p, bf16):.1f} %"
             for p in layer.pieces

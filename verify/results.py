@@ -23,10 +23,17 @@ class PieceResult:
     prompt_fp32_errors: tuple[float, ...]
     # Integer outputs (a router's chosen experts): fraction of tokens whose values differ from
     # the fp32 truth (port bf16, reference bf16) or from the reference (port fp32); None if the
-    # piece has none.
+    # piece has none. `…_unexplained`: those that are not near-ties (verify/metrics.py).
     integer_mismatch_bf16: float | None = None
     integer_mismatch_ref16: float | None = None
     integer_mismatch_fp32: float | None = None
+    integer_tokens: int = 0
+    integer_unexplained_bf16: int | None = None
+    integer_unexplained_ref16: int | None = None
+    integer_unexplained_fp32: int | None = None
+    # A piece both models compute in fp32 even in a bf16 run (a router): the reference's bf16
+    # error is zero, so the port's bf16 error is judged as an fp32 error instead of a ratio.
+    bf16_exact_error: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
