@@ -237,6 +237,11 @@ def hf_config(args: ModelArgs, torch_dtype: str) -> dict:
     and/or `llama_4_scaling`: `rope_parameters`). The text model only: a vision encoder and FP8
     quantization are not part of it (the converter leaves the one out and dequantizes the
     other). ValueError when transformers cannot express the model exactly."""
+    if args.latent or (args.moe is not None and args.moe.fine_grained):
+        raise ValueError(
+            "the HF export of latent attention and fine-grained experts (Mistral4ForCausalLM, "
+            "experts fused as gate_up_proj) is not implemented"
+        )
     rope = rope_parameters(args)
     if rope is not None:
         return _ministral3_config(args, rope, torch_dtype)

@@ -25,7 +25,7 @@ class Linear(eqx.Module):
 
     def dequantized(self, dtype) -> Float[Array, "*stack out in"]:
         if self.qscale_weight is None:
-            return self.weight
+            return self.weight.astype(dtype)
         real = self.weight.astype(jnp.float32) * self.qscale_weight[..., None]
         return real.astype(dtype)
 

@@ -48,6 +48,20 @@ def skeleton(args: ModelArgs, dtype, fp8: dict[str, int] | None = None) -> Trans
     return shapes
 
 
+def stack_layout(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """Each stack of blocks of the model: its first layer and how many layers (the dense-first
+    ones, then the rest)."""
+    dense = args.dense_layers
+    return {"dense_layers": (0, dense), "layers": (dense, args.n_layers - dense)}
+
+
+def leaf_names(spec: LeafSpec, args: ModelArgs, layout: dict | None = None) -> np.ndarray:
+    """The checkpoint names behind a leaf, shaped like its stacking axes."""
+    first, count = (layout or stack_layout(args)).get(spec.path[0].name, (0, 0))
+    experts = {"experts": args.moe.num_experts} if args.moe else {}
+    return spec.names(experts | {"layers": count}, {"layers": first})
+
+
 def _leaf(tree, path):
     for key in path:
         tree = getattr(tree, key.name)
@@ -95,9 +109,7 @@ class PortLoader:
         self.checkpoint = open_folder(folder)
         self.args = self.checkpoint.args
         self.fp8 = fp8_weights(self.checkpoint)
-        dense = self.args.dense_layers
-        # Each stack of blocks: its first layer and how many (the dense-first ones, the rest).
-        self.layout = {"dense_layers": (0, dense), "layers": (dense, self.args.n_layers - dense)}
+        self.layout = stack_layout(self.args)
 
     def skeleton(self, dtype, args: ModelArgs | None = None) -> Transformer:
         """This folder's model as shapes, FP8 where the folder stores FP8."""
@@ -142,13 +154,11 @@ class PortLoader:
         each stack of blocks' first layer and length."""
         leaves, treedef = jax.tree_util.tree_flatten(shapes)
         filled, used = [], set()
-        experts = {"experts": self.args.moe.num_experts} if self.args.moe else {}
         for spec, leaf in zip(leaf_specs(shapes), leaves, strict=True):
             if not wanted(spec):
                 filled.append(leaf)
                 continue
-            first, count = layout.get(spec.path[0].name, (0, 0))
-            names = spec.names(experts | {"layers": count}, {"layers": first})
+            names = leaf_names(spec, self.args, layout)
             used.update(names.flat)
             filled.append(self._read(names, spec, leaf, mesh))
         return jax.tree_util.tree_unflatten(treedef, filled), used

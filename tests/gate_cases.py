@@ -9,9 +9,11 @@ Used by tests/test_gates.py (assertions) and benchmarks/gate_table.py (docs/veri
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import ClassVar
 
 import equinox as eqx
 import numpy as np
@@ -19,6 +21,7 @@ import torch
 from faults import CODE_FAULTS, WEIGHT_FAULTS, inject_code_fault
 from support import tiny_args
 
+import verify.run as run_module
 from checkpoint.args import ModelArgs
 from checkpoint.tiny import bundled_tokenizer, random_state_dict, write_tiny_checkpoint
 from checkpoint.tokenizer import Tokenizer
@@ -144,8 +147,104 @@ class Case:
         return f"{self.config}-seed{self.seed}-{self.fault or 'clean'}-{self.dtype}-{mode}"
 
 
+class MemoReference(runners.TorchRunner):
+    """The torch reference with its results kept across the cases that verify ports of one
+    clean folder: the reference's side of every case is the same computation (only the port
+    changes), so it runs once. Keyed by folder, method, block, dtype and the input's bytes."""
+
+    results: ClassVar[dict] = {}
+    handles: ClassVar[dict] = {}  # id of a loaded group, shell or model → (what, dtype)
+
+    def _memo(self, key, compute):
+        key = (str(self.loader.folder), *key)
+        if key not in self.results:
+            self.results[key] = compute()
+        return self.results[key]
+
+    def _loaded(self, what, dtype, value):
+        self.handles[id(value)] = (what, dtype)
+        return value
+
+    def model(self, dtype):
+        return self._memo(
+            ("model", dtype),
+            lambda: self._loaded("model", dtype, runners.TorchRunner.model(self, dtype)),
+        )
+
+    def shell(self, dtype):
+        return self._memo(
+            ("shell", dtype),
+            lambda: self._loaded("shell", dtype, runners.TorchRunner.shell(self, dtype)),
+        )
+
+    def group(self, g, dtype):
+        return self._memo(
+            ("group", g, dtype),
+            lambda: self._loaded(g, dtype, runners.TorchRunner.group(self, g, dtype)),
+        )
+
+    def _call(self, name, handle, *args):
+        parts = tuple(_digest(a) for a in args)
+        call = getattr(runners.TorchRunner, name)
+        return self._memo(
+            (name, self.handles[id(handle)], *parts), lambda: call(self, handle, *args)
+        )
+
+    def forward_hidden(self, model, tokens, start=0):
+        return self._call("forward_hidden", model, tokens, start)
+
+    def embed(self, shell, tokens):
+        return self._call("embed", shell, tokens)
+
+    def head(self, shell, h):
+        return self._call("head", shell, h)
+
+    def run_group(self, group, h, start=0):
+        return self._call("run_group", group, h, start)
+
+    def trace(self, group, k, x, start=0):
+        return self._call("trace", group, k, x, start)
+
+    def pieces(self, group, k, values, start=0):
+        return self._call("pieces", group, k, values, start)
+
+
+def _digest(value) -> object:
+    """A hashable stand-in for an argument: arrays and dicts of them by their bytes."""
+    if isinstance(value, np.ndarray):
+        return (value.dtype.str, value.shape, hashlib.sha1(value.tobytes()).hexdigest())
+    if isinstance(value, dict):
+        return tuple((k, _digest(v)) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return tuple(_digest(v) for v in value)
+    return value
+
+
+@contextlib.contextmanager
+def memo_reference():
+    """While active, verify runs the reference through `MemoReference` (generation too)."""
+    original = (run_module.TorchRunner, run_module.reference_continuations)
+    continuations = {}
+
+    def reference_continuations(model, prompts, max_new_tokens):
+        key = (id(model), _digest(prompts), max_new_tokens)
+        if key not in continuations:
+            continuations[key] = original[1](model, prompts, max_new_tokens)
+        return continuations[key]
+
+    run_module.TorchRunner, run_module.reference_continuations = (
+        MemoReference,
+        reference_continuations,
+    )
+    try:
+        yield
+    finally:
+        run_module.TorchRunner, run_module.reference_continuations = original
+
+
 def run_case(case: Case, clean_source: Path, work: Path, prompt_list: list, **options) -> Report:
-    """Verify the port of `clean_source` with `case`'s fault against the clean reference."""
+    """Verify the port of `clean_source` with `case`'s fault against the clean reference (the
+    reference's results kept across cases: `memo_reference`)."""
     source = clean_source
     if case.fault in WEIGHT_FAULTS:
         source = write_source(case.config, case.seed, work / "faulty", case.fault)
@@ -156,7 +255,7 @@ def run_case(case: Case, clean_source: Path, work: Path, prompt_list: list, **op
     injected = None
     if case.fault in CODE_FAULTS:
         injected = code_fault(case.fault, CONFIGS[case.config].faulty_blocks)
-    with injected or contextlib.nullcontext():
+    with injected or contextlib.nullcontext(), memo_reference():
         return run_verification(
             clean_source,
             converted,

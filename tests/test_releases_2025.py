@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from support import tiny_args
 
 import model_jax
+import model_jax.attention as jax_attention
 import model_jax.model as jax_model
 import reference_torch
 from checkpoint.hf import interleaved_to_halves
@@ -233,7 +234,7 @@ def patched(monkeypatch):
 @pytest.mark.parametrize("fault", ["llama-4-scaling-dropped", "yarn-factor-ignored"])
 def test_faults_that_bite_only_far_out_fail_every_block(folders, patched, fault):
     if fault == "llama-4-scaling-dropped":
-        patched(jax_model, "llama_4_scaled", lambda q, positions, scaling: q)
+        patched(jax_attention, "llama_4_scaled", lambda q, positions, scaling: q)
     else:  # plain RoPE frequencies and magnitude
         rotary = jax_model.rotary_angles
         patched(

@@ -10,7 +10,7 @@ import torch
 import reference_torch
 from checkpoint.presets import PRESETS
 from checkpoint.spec import tensor_spec
-from model_jax.loading import skeleton
+from model_jax.loading import leaf_names, skeleton
 from model_jax.structure import leaf_specs
 
 V01, NEMO = PRESETS["7b-v0.1"], PRESETS["nemo-12b"]
@@ -81,10 +81,9 @@ def test_every_published_shape_matches_in_both_models_without_allocating(name):
     leaves = jax.tree_util.tree_leaves(shapes)
     assert sum(math.prod(x.shape) for x in leaves) == sum(math.prod(s) for s in spec.values())
     # The declared structure maps every leaf onto checkpoint names, exactly once each.
-    sizes = {"layers": args.n_layers, "experts": args.moe.num_experts if args.moe else 0}
     named = {}
     for leaf_spec, leaf in zip(leaf_specs(shapes), leaves, strict=True):
-        names = leaf_spec.names(sizes)
+        names = leaf_names(leaf_spec, args)
         assert names.shape == leaf.shape[: names.ndim]
         named |= {n: leaf.shape[names.ndim :] for n in names.flat}
     assert named == spec
