@@ -13,7 +13,6 @@ that repeats.
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from checkpoint.sections import (
     QuantizationArgs,
     YarnArgs,
     from_section,
+    positive_number,
 )
 
 __all__ = ["MAX_SIZE", "ModelArgs", "MoeArgs", "cache_slots", "cached_shapes"]
@@ -107,14 +107,7 @@ class ModelArgs:
             pattern = self.window_pattern
             object.__setattr__(self, "sliding_window", pattern if len(pattern) > 1 else pattern[0])
         for name in ("norm_eps", "rope_theta"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, int | float)
-                or not math.isfinite(value)
-                or value <= 0
-            ):
-                raise ValueError(f"{name} must be a finite positive number, got {value!r}")
+            positive_number(self, name)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"n_heads ({self.n_heads}) is not divisible by n_kv_heads ({self.n_kv_heads})"

@@ -1,4 +1,5 @@
-"""Fixtures: tiny seeded checkpoints written once per session; strict JAX dtype promotion."""
+"""Fixtures: tiny seeded checkpoints written once per session, code patched for a test;
+strict JAX dtype promotion."""
 
 import jax
 import pytest
@@ -6,6 +7,7 @@ from support import BASE
 
 from checkpoint.args import ModelArgs
 from checkpoint.tiny import write_tiny_checkpoint
+from verify import runners
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 
@@ -25,3 +27,21 @@ def make_checkpoint(tmp_path_factory):
         return made[key]
 
     return make
+
+
+@pytest.fixture
+def patched(monkeypatch):
+    """monkeypatch.setattr, with every compiled program dropped before and after (programs
+    traced before a patch would run the old code)."""
+
+    def clear():
+        jax.clear_caches()
+        runners._compiled.cache_clear()
+
+    def patch(target, name, value):
+        monkeypatch.setattr(target, name, value)
+        clear()
+
+    yield patch
+    monkeypatch.undo()
+    clear()

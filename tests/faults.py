@@ -101,8 +101,7 @@ class FaultyAttention(jax_model.Attention):
             return right
         exponents = jnp.arange(0, self.head_dim, 2, dtype=jnp.float32) / self.head_dim
         freqs = (1.0 / (10000.0**exponents)).astype(jnp.bfloat16)
-        positions = jnp.arange(x.shape[0]).astype(jnp.bfloat16)  # position × frequency in bf16
-        angles = positions[:, None] * freqs[None, :]
+        angles = positions.astype(jnp.bfloat16)[:, None] * freqs[None, :]  # both in bf16
         wrong = super().project(
             x,
             (jnp.cos(angles).astype(jnp.float32), jnp.sin(angles).astype(jnp.float32)),

@@ -5,7 +5,7 @@ import dataclasses
 
 import torch
 import transformers
-from support import tiny_args
+from support import hf_rope_parameters, tiny_args
 
 from checkpoint.sections import Llama4ScalingArgs, MoeArgs, YarnArgs
 
@@ -54,19 +54,7 @@ def hf_mistral4(args, state) -> torch.nn.Module:
     """`Mistral4ForCausalLM` from the same numbers (fp32); the softmax scale left without
     YaRN's magnitude (`mscale_all_dim` 0), as this toolkit reads `apply_scale: false`."""
     moe = args.moe
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.yarn is not None:
-        rope = {
-            "rope_type": "yarn",
-            "rope_theta": args.rope_theta,
-            "factor": args.yarn.factor,
-            "original_max_position_embeddings": args.yarn.original_max_position_embeddings,
-            "beta_fast": args.yarn.beta,
-            "beta_slow": args.yarn.alpha,
-            "mscale": 1.0,
-            "mscale_all_dim": 0.0,
-            "attention_factor": 1.0,
-        }
+    rope = hf_rope_parameters(args, mscale=1.0, mscale_all_dim=0.0, attention_factor=1.0)
     scaling = args.llama_4_scaling
     rope["llama_4_scaling_beta"] = scaling.beta if scaling else 0.0
     if scaling:

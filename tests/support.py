@@ -38,3 +38,19 @@ def relative_l2(actual, expected) -> float:
 
 def random_tokens(n: int, vocab: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=n, dtype=np.int32)
+
+
+def hf_rope_parameters(args: ModelArgs, **yarn_keys) -> dict:
+    """transformers' `rope_parameters` written out by hand for `args`: default RoPE, or YaRN
+    with the keys transformers reads (plus `yarn_keys`, which differ between its models)."""
+    if args.yarn is None:
+        return {"rope_type": "default", "rope_theta": args.rope_theta}
+    return {
+        "rope_type": "yarn",
+        "rope_theta": args.rope_theta,
+        "factor": args.yarn.factor,
+        "original_max_position_embeddings": args.yarn.original_max_position_embeddings,
+        "beta_fast": args.yarn.beta,
+        "beta_slow": args.yarn.alpha,
+        **yarn_keys,
+    }

@@ -27,7 +27,6 @@ from checkpoint.spec import tensor_spec
 from checkpoint.tiny import random_state_dict, write_tiny_checkpoint
 from convert.convert import convert_checkpoint
 from model_jax.cache import KVCache
-from verify import runners
 from verify.run import run_verification
 
 CONFIGS = {"large3": LARGE3, "small4": SMALL4}
@@ -127,19 +126,6 @@ def test_verify_passes_both_and_judges_every_declared_piece(folders, stream):
         assert {"router", "experts", "shared_experts"} <= set(names)
         router = next(p for p in routed.pieces if p.piece == "router")
         assert router.integer_unexplained_bf16 == 0 and router.integer_tokens > 0
-
-
-@pytest.fixture
-def patched(monkeypatch):
-    def patch(target, attribute, value):
-        monkeypatch.setattr(target, attribute, value)
-        jax.clear_caches()
-        runners._compiled.cache_clear()
-
-    yield patch
-    monkeypatch.undo()
-    jax.clear_caches()
-    runners._compiled.cache_clear()
 
 
 def rope_on_the_nope_part(patch):

@@ -25,7 +25,6 @@ from checkpoint.args import MoeArgs
 from checkpoint.pieces import Piece, check_pieces, run_pieces
 from convert.convert import convert_checkpoint
 from model_jax.loading import PortLoader, load_model
-from verify import runners
 from verify.report import markdown
 from verify.run import run_verification
 
@@ -45,24 +44,6 @@ def folders(make_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("parts") / "converted"
     convert_checkpoint(source, out)
     return source, out
-
-
-@pytest.fixture
-def patched(monkeypatch):
-    """monkeypatch.setattr, with every compiled program dropped before and after (programs
-    traced before a patch would run the old code)."""
-
-    def clear():
-        jax.clear_caches()
-        runners._compiled.cache_clear()
-
-    def patch(target, name, value):
-        monkeypatch.setattr(target, name, value)
-        clear()
-
-    yield patch
-    monkeypatch.undo()
-    clear()
 
 
 def verify(folders, stream: bool, dtype="bfloat16"):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 from safetensors.torch import load_file
-from support import tiny_args
+from support import hf_rope_parameters, tiny_args
 
 import model_jax
 import model_jax.attention as jax_attention
@@ -32,7 +32,6 @@ from checkpoint.tiny import (
 from convert.convert import convert_checkpoint
 from model_jax.loading import skeleton
 from reference_torch.loading import dequantize
-from verify import runners
 from verify.run import run_verification
 
 ORIGINAL = 32  # the original context of the tiny configs: prompts of 100 tokens reach past it
@@ -91,17 +90,7 @@ def saved(folder) -> dict[str, torch.Tensor]:
 def hf_model(args, state) -> torch.nn.Module:
     """HF's Ministral3 text model from the same numbers: FP8 dequantized as the reference
     does, wq/wk rows in rotate-half order, YaRN's attention factor given explicitly."""
-    rope = {"rope_type": "default", "rope_theta": args.rope_theta}
-    if args.yarn is not None:
-        rope = {
-            "rope_type": "yarn",
-            "rope_theta": args.rope_theta,
-            "factor": args.yarn.factor,
-            "original_max_position_embeddings": args.yarn.original_max_position_embeddings,
-            "beta_fast": args.yarn.beta,
-            "beta_slow": args.yarn.alpha,
-            "attention_factor": args.yarn.attention_factor,
-        }
+    rope = hf_rope_parameters(args, attention_factor=args.yarn and args.yarn.attention_factor)
     # HF always applies Llama-4 scaling (β = 0: none), with the rope parameters' length.
     scaling = args.llama_4_scaling or Llama4ScalingArgs(args.max_position_embeddings or 4096, 0)
     rope["llama_4_scaling_beta"] = scaling.beta
@@ -215,19 +204,6 @@ def test_verify_passes_both_layouts_and_says_what_it_did_not_verify(folders, str
     probes = [p for p in report.prompts if p.kind == "probe"]
     assert probes and max(p.tokens for p in probes) > 0
     assert any("YaRN" in n for n in report.notes) and any("FP8" in n for n in report.notes)
-
-
-@pytest.fixture
-def patched(monkeypatch):
-    def patch(target, name, value):
-        monkeypatch.setattr(target, name, value)
-        jax.clear_caches()
-        runners._compiled.cache_clear()
-
-    yield patch
-    monkeypatch.undo()
-    jax.clear_caches()
-    runners._compiled.cache_clear()
 
 
 @pytest.mark.slow

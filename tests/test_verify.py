@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import jax
 import numpy as np
 import pytest
 import torch
@@ -84,7 +83,7 @@ def test_clean_conversion_passes_and_writes_the_report(clean, tmp_path):
     assert (report_dir / "drift.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_a_defect_in_the_jax_forward_fails_verify(clean, monkeypatch):
+def test_a_defect_in_the_jax_forward_fails_verify(clean, patched):
     """Not the weights: the model's own code, scaling its logits by 1.01."""
     source, out = clean
     head = model_jax.model.Transformer.head
@@ -93,16 +92,11 @@ def test_a_defect_in_the_jax_forward_fails_verify(clean, monkeypatch):
         normed, logits = head(self, h)
         return normed, logits * 1.01
 
-    monkeypatch.setattr(model_jax.model.Transformer, "head", scaled_head)
-    jax.clear_caches()  # functions traced before the patch would run the old code
-    try:
-        for dtype in ("bfloat16", "float32"):
-            result = run_verification(source, out, prompts=PROMPTS, dtype=dtype, max_new_tokens=4)
-            assert result.verdict == "fail"
-            assert any(r.startswith("logits: output: fp32 error") for r in result.reasons)
-    finally:
-        monkeypatch.undo()
-        jax.clear_caches()
+    patched(model_jax.model.Transformer, "head", scaled_head)
+    for dtype in ("bfloat16", "float32"):
+        result = run_verification(source, out, prompts=PROMPTS, dtype=dtype, max_new_tokens=4)
+        assert result.verdict == "fail"
+        assert any(r.startswith("logits: output: fp32 error") for r in result.reasons)
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
