@@ -18,7 +18,7 @@ from checkpoint.cli_errors import (
 from checkpoint.dtypes import DTYPE_NAMES
 from checkpoint.errors import CheckpointError
 from checkpoint.tokenizer import Tokenizer
-from model_jax.generate import generate
+from model_jax.generate import check_positions, generate
 from model_jax.loading import load_model
 from model_jax.sharding import make_mesh
 
@@ -108,6 +108,10 @@ def main(
                     f"prompt {i + 1} has {len(ids)} tokens, more than --max-prompt-tokens "
                     f"{max_prompt_tokens}"
                 )
+            try:
+                check_positions(model.args, len(ids), max_new_tokens)
+            except ValueError as err:
+                raise ValueError(f"prompt {i + 1}: {err} ({folder}/params.json)") from None
     except (CheckpointError, ValueError) as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(2)

@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from checkpoint.args import ModelArgs
 from model_jax.cache import KVCache
 from model_jax.model import Transformer, run_layers
 from model_jax.sampling import choose_tokens
@@ -30,6 +31,17 @@ EARLY_STOP_EVERY = 8  # steps between host checks for "every sequence hit EOS"
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     """The smallest power of two ≥ n (at least `minimum`)."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+def check_positions(args: ModelArgs, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuse a prompt whose continuation would pass `max_position_embeddings` (the length
+    YaRN and the Llama-4 scaling were trained to)."""
+    limit = args.max_position_embeddings
+    if limit is not None and prompt_tokens + max_new_tokens > limit:
+        raise ValueError(
+            f"{prompt_tokens} prompt tokens and {max_new_tokens} new tokens reach position "
+            f"{prompt_tokens + max_new_tokens - 1}, past max_position_embeddings {limit}"
+        )
 
 
 def generate(
@@ -61,6 +73,7 @@ def generate(
     args = model.args
     lengths = np.array([len(p) for p in prompts])
     longest = int(lengths.max())
+    check_positions(args, longest, max_new_tokens)
     chunk = min(chunk_size or args.shortest_window or DEFAULT_CHUNK, bucket(longest))
     capacity = bucket(longest + max_new_tokens)
     batch = len(prompts)
