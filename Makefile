@@ -41,8 +41,9 @@ test: $(STAMP)
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
 
-# The quick loop while editing: everything but the tests marked slow (sharding, gate
-# calibration, the python blocks of README.md and docs/); CI runs `make test`.
+# The quick loop while editing (under a minute on 2 cores): the unit tests; the tests marked
+# slow (whole-model parity, verify runs, gate calibration, sharding, the docs' python blocks)
+# are left out. CI runs `make test`, which runs everything.
 test-fast: $(STAMP)
 	$(BIN)/pytest -m "not slow"
 

@@ -73,6 +73,7 @@ def test_mask_sees_w_keys_including_the_query(impl):
     assert visible[15].nonzero()[0].tolist() == list(range(15 - W + 1, 16))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_key_exactly_w_back_is_not_attended_and_w_minus_1_back_is(make_checkpoint, runner):
     # One block: logits at p depend on the tokens the block attends to, and on nothing else.
@@ -86,6 +87,7 @@ def test_key_exactly_w_back_is_not_attended_and_w_minus_1_back_is(make_checkpoin
         assert (delta > 1e-3) if changes else (delta < 1e-6), (back, delta)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize("config", CONFIGS)
 def test_cached_decode_equals_full_forward(make_checkpoint, runner, config):
@@ -96,6 +98,7 @@ def test_cached_decode_equals_full_forward(make_checkpoint, runner, config):
     assert relative_error(decoded, run.full(tokens)) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", RUNNERS)
 @pytest.mark.parametrize(
     "chunks",
@@ -108,6 +111,7 @@ def test_chunked_prefill_equals_unchunked(make_checkpoint, runner, chunks):
     assert relative_error(run.chunked(tokens, chunks), run.full(tokens)) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", RUNNERS)
 def test_chunked_prefill_with_per_layer_windows_equals_unchunked(make_checkpoint, runner):
     run = RUNNERS[runner](make_checkpoint(PATTERN))
@@ -116,6 +120,7 @@ def test_chunked_prefill_with_per_layer_windows_equals_unchunked(make_checkpoint
         assert relative_error(run.chunked(tokens, chunks), run.full(tokens)) <= 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS)
 def test_cached_decode_agrees_across_models(make_checkpoint, config):
     args = CONFIGS[config]

@@ -32,6 +32,7 @@ def test_tiny_writes_an_official_folder(tmp_path):
     assert (tmp_path / "tiny" / "tokenizer.model").exists()
 
 
+@pytest.mark.slow
 def test_tiny_preset_writes_full_width_blocks(tmp_path):
     result = CliRunner().invoke(
         tiny_cli.main, [str(tmp_path / "p"), "--preset", "7b-v0.1", "--n-layers", "1"]
@@ -209,6 +210,7 @@ def test_library_warnings_are_held_back_on_a_refusal_only(code, shown):
         assert child.stderr == f"error: refused with {code}\n"
 
 
+@pytest.mark.slow
 def test_a_protocol_4_pickle_is_refused_in_exactly_one_line(converted, tmp_path):
     """torch.load warns about the protocol before refusing the file: only our line shows."""
     reference, out = converted
@@ -232,6 +234,7 @@ def test_a_protocol_4_pickle_is_refused_in_exactly_one_line(converted, tmp_path)
     assert not report_dir.exists()
 
 
+@pytest.mark.slow
 def test_tiny_and_generate_print_json_when_asked(converted, tmp_path):
     result = CliRunner().invoke(tiny_cli.main, [str(tmp_path / "t"), "--json"])
     assert result.exit_code == 0, result.output

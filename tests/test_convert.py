@@ -76,6 +76,7 @@ def test_parse_size(text, size):
     assert parse_size(text) == size
 
 
+@pytest.mark.slow
 def test_both_models_load_the_converted_folder_with_identical_logits(make_checkpoint, tmp_path):
     source = make_checkpoint(ARGS)
     convert_checkpoint(source, tmp_path / "out", max_shard_size="2MB")

@@ -140,6 +140,7 @@ def torch_state(folder) -> dict[str, torch.Tensor]:
 # Mistral Small 3.1 layout: vision carried
 
 
+@pytest.mark.slow
 def test_small31_keep_copies_text_and_vision_byte_for_byte(small31, tmp_path):
     out = tmp_path / "out"
     summary = convert_checkpoint(small31, out, max_shard_size="4MB")
@@ -160,6 +161,7 @@ def test_small31_keep_copies_text_and_vision_byte_for_byte(small31, tmp_path):
     check_passes(out)
 
 
+@pytest.mark.slow
 def test_small31_vision_stays_byte_exact_whatever_the_dtype(small31, tmp_path):
     out = tmp_path / "out"
     convert_checkpoint(small31, out, dtype="float32")
@@ -175,6 +177,7 @@ def test_small31_vision_stays_byte_exact_whatever_the_dtype(small31, tmp_path):
     check_passes(out)
 
 
+@pytest.mark.slow
 def test_small31_text_only_leaves_the_vision_encoder_out_and_says_so(small31, tmp_path):
     out = tmp_path / "out"
     result = CliRunner().invoke(convert_cli, [str(small31), str(out), "--text-only"])
@@ -199,6 +202,7 @@ def test_small31_text_only_leaves_the_vision_encoder_out_and_says_so(small31, tm
     )
 
 
+@pytest.mark.slow
 def test_small31_hf_export_is_the_text_model(small31, tmp_path):
     transformers = pytest.importorskip("transformers")
     hf = tmp_path / "hf"
@@ -220,6 +224,7 @@ def test_small31_hf_export_is_the_text_model(small31, tmp_path):
     assert relative_error(theirs, ours.numpy()) <= 1e-5
 
 
+@pytest.mark.slow
 def test_small31_text_round_trip_through_hf_keeps_max_position_embeddings(
     make_checkpoint, tmp_path
 ):
@@ -248,6 +253,7 @@ def test_small31_text_round_trip_through_hf_keeps_max_position_embeddings(
 # Ministral 3 layout: FP8, yarn, llama-4 scaling, tied embeddings, vision
 
 
+@pytest.mark.slow
 def test_ministral3_keep_copies_every_byte_fp8_and_scales_included(ministral3, tmp_path):
     out = tmp_path / "out"
     convert_checkpoint(ministral3, out, max_shard_size="2MB")
@@ -274,6 +280,7 @@ def test_ministral3_keep_copies_every_byte_fp8_and_scales_included(ministral3, t
     check_passes(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_ministral3_dequantized_equals_fp8_times_scale(ministral3, tmp_path, dtype):
     out = tmp_path / "out"
@@ -303,6 +310,7 @@ def test_ministral3_dequantized_equals_fp8_times_scale(ministral3, tmp_path, dty
     check_passes(out)
 
 
+@pytest.mark.slow
 def test_ministral3_text_only_keeps_fp8_and_drops_multimodal(ministral3, tmp_path):
     out = tmp_path / "out"
     convert_checkpoint(ministral3, out, text_only=True)
@@ -314,6 +322,7 @@ def test_ministral3_text_only_keeps_fp8_and_drops_multimodal(ministral3, tmp_pat
     check_passes(out)
 
 
+@pytest.mark.slow
 def test_check_compares_the_manifests_account_with_the_folder(ministral3, tmp_path):
     out = tmp_path / "out"
     convert_checkpoint(ministral3, out)
@@ -448,6 +457,7 @@ VARIANTS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_ministral3_hf_export_matches_a_hand_built_ministral3(ministral3, tmp_path, variant):
     transformers = pytest.importorskip("transformers")
@@ -498,6 +508,7 @@ def test_ministral3_hf_export_matches_a_hand_built_ministral3(ministral3, tmp_pa
 BF16_MINISTRAL_3 = dataclasses.replace(MINISTRAL_3, quantization=None, multimodal=None)
 
 
+@pytest.mark.slow
 def test_ministral3_round_trip_through_hf_is_byte_identical(make_checkpoint, tmp_path):
     source = make_checkpoint(BF16_MINISTRAL_3, seed=5, weights_format="safetensors")
     convert_checkpoint(source, tmp_path / "hf", layout="hf")
@@ -626,6 +637,7 @@ def poke(folder, name: str, index: int, byte: int) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", ["keep", "bfloat16"])
 @pytest.mark.parametrize("byte", [0x7F, 0xFF])
 def test_nan_fp8_bytes_are_refused_naming_the_tensor(tmp_path, dtype, byte):
@@ -637,6 +649,7 @@ def test_nan_fp8_bytes_are_refused_naming_the_tensor(tmp_path, dtype, byte):
     assert "holds NaN: its FP8 byte at [3, 7] is 0x7F or 0xFF" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "buffered"])
 def test_the_keep_mode_nan_check_sees_every_chunk(tmp_path, monkeypatch, kernel_copy):
     folder = broken(tmp_path)
@@ -648,6 +661,7 @@ def test_the_keep_mode_nan_check_sees_every_chunk(tmp_path, monkeypatch, kernel_
     assert "at [127, 63]" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("edit", "dtype", "expect"),
     [
@@ -719,6 +733,7 @@ def test_bad_scales_are_refused_naming_the_tensor(tmp_path, edit, dtype, expect)
     convert_fails(folder, tmp_path / "out", "--dtype", dtype, expect=expect)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("params", "extra", "expect"),
     [
@@ -800,6 +815,7 @@ def test_text_only_cannot_be_given_to_check(ministral3):
     assert result.exit_code == 2 and "--text-only cannot be used with --check" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("edit", "expect"),
     [

@@ -314,6 +314,7 @@ def _rewrite(path):
         f.write(b"x" * 16)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "expect"),
     [

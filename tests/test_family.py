@@ -60,12 +60,14 @@ def member(request, make_checkpoint, tmp_path_factory):
     return request.param, args, source, out
 
 
+@pytest.mark.slow
 def test_the_folder_carries_its_releases_tokenizer_and_the_conversion_keeps_it(member):
     name, _, source, out = member
     expected = FAMILY[name][2]
     assert find_tokenizer(source).name == expected == find_tokenizer(out).name
 
 
+@pytest.mark.slow
 def test_converted_member_matches_reference_fp32_and_generates_past_the_window(member):
     _, args, source, out = member
     tokens = random_tokens(3 * W, args.vocab_size)
@@ -78,6 +80,7 @@ def test_converted_member_matches_reference_fp32_and_generates_past_the_window(m
     assert ours == reference_torch.generate(ref, prompts, max_new_tokens=2 * W)[0]
 
 
+@pytest.mark.slow
 def test_hf_transformers_computes_the_same_logits(member, tmp_path):
     transformers = pytest.importorskip("transformers")
     _, args, source, out = member
@@ -90,6 +93,7 @@ def test_hf_transformers_computes_the_same_logits(member, tmp_path):
     assert relative_error(ours, theirs) <= 1e-5
 
 
+@pytest.mark.slow
 def test_member_verifies(member):
     _, _, source, out = member
     result = run_verification(

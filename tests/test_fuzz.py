@@ -230,6 +230,7 @@ def mutated_copies(folder: Path, name: str, mutations: list[bytes], work: Path):
         shutil.rmtree(case)
 
 
+@pytest.mark.slow
 def test_mutated_pth_files(corpus, tmp_path):
     data = (corpus["pth"] / "consolidated.00.pth").read_bytes()
     rng = random.Random(0)
@@ -283,6 +284,7 @@ def test_a_storage_running_past_the_end_of_the_file_is_refused(corpus, tmp_path)
         open_folder(case)
 
 
+@pytest.mark.slow
 def test_a_pickle_that_would_inflate_to_gigabytes_is_refused_before_reading(corpus, tmp_path):
     case = tmp_path / "case"
     shutil.copytree(corpus["pth"], case)
@@ -310,6 +312,7 @@ def our_verdict(path: Path) -> str:
         return "unsupported" if "unsupported dtype" in str(err) else "refused"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3))
 def test_mutated_safetensors_files(corpus, tmp_path, seed):
     data = (corpus["st"] / "consolidated.safetensors").read_bytes()
@@ -341,6 +344,7 @@ def test_mutated_hf_config_json(corpus, tmp_path):
         assert_converts_or_fails_cleanly(case, tmp_path, what)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["model.safetensors.index.json", "manifest.json"])
 def test_mutated_index_and_manifest_never_escape_check(corpus, tmp_path, name):
     data = (corpus["converted"] / name).read_bytes()

@@ -34,6 +34,7 @@ def ragged_prompts():
     return [random_tokens(n, ARGS.vocab_size, seed=n).tolist() for n in (1, 5, 3 * W + 3)]
 
 
+@pytest.mark.slow
 def test_greedy_matches_torch_reference_token_for_token(models):
     port, ref = models
     prompts = ragged_prompts()
@@ -46,6 +47,7 @@ def test_greedy_matches_torch_reference_token_for_token(models):
     )
 
 
+@pytest.mark.slow
 def test_first_token_is_the_argmax_at_the_last_prompt_position(models):
     port, _ = models
     prompt = ragged_prompts()[2]
@@ -54,6 +56,7 @@ def test_first_token_is_the_argmax_at_the_last_prompt_position(models):
     assert first == int(full[-1].argmax())
 
 
+@pytest.mark.slow
 def test_greedy_continuation_equals_full_recompute(models):
     port, _ = models
     prompt = ragged_prompts()[1]
@@ -63,6 +66,7 @@ def test_greedy_continuation_equals_full_recompute(models):
     assert generated == full[len(prompt) - 1 : -1].argmax(-1).tolist()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_size", [3, W, 2 * W + 1])
 def test_chunked_prefill_gives_the_same_generation(models, chunk_size):
     port, _ = models
@@ -110,6 +114,7 @@ def test_prompt_longer_than_the_window_and_many_windows_of_decode(models):
     assert ours == theirs
 
 
+@pytest.mark.slow
 def test_compiles_once_per_batch_size_and_length_bucket(models, caplog):
     port, _ = models
     model_jax.generate(port, [[1, 2, 3]], max_new_tokens=2)  # warm the 16-token bucket
@@ -152,6 +157,7 @@ def test_top_p_applies_after_temperature():
     assert np.asarray(keep).nonzero()[0].tolist() == [0]
 
 
+@pytest.mark.slow
 def test_sampling_never_leaves_the_kept_set_and_greedy_is_argmax():
     logits = jnp.tile(logits_of([0.4, 0.3, 0.2, 0.1]), (4000, 1))
     tokens, _ = choose_tokens(logits, jax.random.key(0), temperature=1.0, top_p=1.0, top_k=2)
@@ -163,6 +169,7 @@ def test_sampling_never_leaves_the_kept_set_and_greedy_is_argmax():
     np.testing.assert_allclose(np.asarray(logprobs), np.log(0.4), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_greedy_with_per_layer_windows_matches_the_reference(make_checkpoint):
     """Ministral-style windows (full, W, W, 2W): generation crosses every window boundary."""
     args = tiny_args(n_layers=4, sliding_window=[None, W, W, 2 * W])

@@ -71,6 +71,7 @@ def test_hf_export_passes_check(exported):
     assert check_converted(hf) == []
 
 
+@pytest.mark.slow
 def test_transformers_loads_the_export_with_our_logits(exported):
     transformers = pytest.importorskip("transformers")
     args, source, hf = exported

@@ -49,6 +49,7 @@ def folders(tmp_path_factory):
     return made
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_both_models_match_hf_mistral4_past_the_original_context(folders, name):
     source, out = folders[name]
@@ -65,6 +66,7 @@ def test_both_models_match_hf_mistral4_past_the_original_context(folders, name):
     assert np.abs(port - expected).max() / scale < 1e-5
 
 
+@pytest.mark.slow
 def test_greedy_generation_with_the_latent_cache_equals_hf(folders):
     """Ragged batch, prefill in chunks shorter than the prompts, the latent cache."""
     source, out = folders["large3"]
@@ -89,6 +91,7 @@ def test_the_latent_cache_keeps_576_values_per_token_for_large3():
     assert per_token == 576 and expanded == 40960 and expanded // per_token == 71
 
 
+@pytest.mark.slow
 def test_only_the_chosen_experts_are_computed():
     """The grouped matmul sees the token–expert pairs only: k per token, not every expert."""
     calls = []

@@ -41,6 +41,7 @@ def logits_both(folder, dtype_torch, dtype_jax, tokens):
     return ref_logits, port_logits
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CONFIGS)
 def test_fp32_logits_match_reference(make_checkpoint, name):
     args = CONFIGS[name]
@@ -61,6 +62,7 @@ def test_fp32_hidden_states_match_reference(make_checkpoint):
         assert relative_error(port_h, ref_h[0].numpy()) <= FP32_TOLERANCE
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["gqa", "window-shorter-than-seq", "head-dim-not-dim-over-heads"])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_bf16_error_is_within_reference_bf16_noise(make_checkpoint, name, seed):

@@ -148,6 +148,7 @@ def test_run_pieces_reads_and_writes_named_values_and_allows_integer_outputs():
         check_pieces([Piece("p", abs, ("x",), ("z",))])
 
 
+@pytest.mark.slow
 def test_whole_model_block_i_is_the_streamed_group_block(folders):
     _, out = folders
     model = load_model(out, dtype="float32")
@@ -162,6 +163,7 @@ def test_whole_model_block_i_is_the_streamed_group_block(folders):
         assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), whole, streamed))
 
 
+@pytest.mark.slow
 def test_the_jax_model_and_mistral_generate_run_without_torch(folders):
     _, out = folders
     script = textwrap.dedent(

@@ -146,6 +146,7 @@ def logits(name, folders, tokens):
     return reference, np.asarray(port(jax.numpy.asarray(tokens)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "apply_scale", [False, True], ids=["yarn-no-magnitude", "yarn-with-magnitude"]
 )
@@ -167,6 +168,7 @@ def test_ministral3_matches_hf_past_the_original_context(tmp_path, apply_scale):
     assert np.abs(port - expected).max() / scale < 1e-5
 
 
+@pytest.mark.slow
 def test_small31_matches_hf(folders):
     tokens = np.random.default_rng(2).integers(0, 5000, 50).tolist()
     args, state = SMALL31, saved(folders["small31"][0])
@@ -190,11 +192,13 @@ def test_the_jax_model_keeps_fp8_weights_in_memory_and_one_embedding_table(folde
     assert fp8 < 0.6 * bf16
 
 
+@pytest.mark.slow
 def test_ministral3_cached_decode_equals_the_reference_past_the_original_context(folders):
     """Decoding one token a step from the cache (YaRN, the Llama-4 query scale of each new
     position, FP8, tied head) gives the reference's full-forward logits, past the original
-    context; and generation, end to end, the reference's tokens. (Greedy tokens alone would
-    not do: random weights' logits are so peaked that dropping the query scale keeps them.)"""
+    context; and generation, end to end, the reference's and HF's greedy tokens. (Greedy
+    tokens alone would not do: random weights' logits are so peaked that dropping the query
+    scale keeps them.)"""
     source, out = folders["ministral3"]
     tokens = np.random.default_rng(3).integers(0, 5000, 3 * ORIGINAL).tolist()
     ref = reference_torch.Transformer.from_folder(source, dtype="float32")
@@ -211,6 +215,17 @@ def test_ministral3_cached_decode_equals_the_reference_past_the_original_context
     prompts = [tokens[:3], tokens[:40]]
     ours = model_jax.generate(port, prompts, max_new_tokens=ORIGINAL)
     assert ours == reference_torch.generate(ref, prompts, max_new_tokens=ORIGINAL)[0]
+    hf = hf_model(MINISTRAL3, saved(source))
+    for prompt, new in zip(prompts, ours, strict=True):
+        with torch.no_grad():
+            greedy = hf.generate(
+                torch.tensor([prompt]),
+                max_new_tokens=ORIGINAL,
+                min_new_tokens=ORIGINAL,
+                do_sample=False,
+                pad_token_id=0,
+            )
+        assert greedy[0, len(prompt) :].tolist() == new
 
 
 @pytest.mark.slow
@@ -284,6 +299,7 @@ def test_a_tied_head_read_from_another_tensor_fails_the_logits(folders, patched)
     assert any(r.startswith("logits") for r in report.reasons), report.reasons[:4]
 
 
+@pytest.mark.slow
 def test_positions_past_max_position_embeddings_are_refused(folders):
     source, out = folders["ministral3"]
     too_long = " ".join(["word"] * 600)

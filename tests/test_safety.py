@@ -136,6 +136,7 @@ def slow_conversion(src: Path, out: Path, seconds: float) -> subprocess.Popen:
     return child
 
 
+@pytest.mark.slow
 def test_two_conversions_to_one_out_one_wins_the_other_exits_2(src, tmp_path):
     out = tmp_path / "out"
     first = slow_conversion(src, out, seconds=3)

@@ -70,6 +70,7 @@ def test_ministral_interleaves_a_full_context_layer_with_three_windowed_ones():
     assert len(args.layer_windows) == 36
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
 def test_every_published_shape_matches_in_both_models_without_allocating(name):
     args = PRESETS[name]

@@ -28,6 +28,7 @@ REAL = {  # file in mistral-common → (vocabulary, the name its release folder 
 TEXT = "Hello, world! Ünïcödé, 数字 3.14159 and code: for i in range(10): print(i * i)"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("file", REAL)
 def test_every_real_tokenizer_round_trips_and_renders_chats(tmp_path, file):
     vocab, name = REAL[file]
@@ -86,6 +87,7 @@ def test_generate_refuses_a_tokenizer_that_does_not_match_params(mismatched):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_generate_renders_chat_prompts(make_checkpoint):
     folder = make_checkpoint(tiny_args(vocab_size=32768), weights_format="safetensors")
     result = CliRunner().invoke(

@@ -35,6 +35,7 @@ def attention_to_first_token(model, hidden, block: int) -> float:
     return float(scores.softmax(-1)[0, :, 1:, 0].mean())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("args", [CONFIGS["trained-like"].args, TINY_ARGS], ids=["table", "demo"])
 @torch.inference_mode()

@@ -51,6 +51,7 @@ def verify_args(source, out, *extra):
     return ["--reference", str(source), "--converted", str(out), *map(str, extra)]
 
 
+@pytest.mark.slow
 def test_clean_conversion_passes_and_writes_the_report(clean, tmp_path):
     source, out = clean
     prompts = tmp_path / "prompts.jsonl"
@@ -83,6 +84,7 @@ def test_clean_conversion_passes_and_writes_the_report(clean, tmp_path):
     assert (report_dir / "drift.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_a_defect_in_the_jax_forward_fails_verify(clean, patched):
     """Not the weights: the model's own code, scaling its logits by 1.01."""
     source, out = clean
@@ -99,6 +101,7 @@ def test_a_defect_in_the_jax_forward_fails_verify(clean, patched):
         assert any(r.startswith("logits: output: fp32 error") for r in result.reasons)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
 def test_a_bug_in_the_ports_reader_does_not_cancel_out(clean, monkeypatch, stream):
     """The reference is read by torch's own readers, so a bug in the port's reader shows."""
@@ -114,6 +117,7 @@ def test_a_bug_in_the_ports_reader_does_not_cancel_out(clean, monkeypatch, strea
     assert result.verdict == "fail" and result.first_failing_layer == 2, result.reasons
 
 
+@pytest.mark.slow
 def test_nan_in_the_ports_output_head_fails_in_fp32(clean, tmp_path):
     source, _ = clean
     faulty = checkpoint_with(tmp_path / "faulty", "output.weight", (7, 3), float("nan"))
@@ -131,6 +135,7 @@ def test_nan_in_the_ports_output_head_fails_in_fp32(clean, tmp_path):
         assert any("NaN/Inf" in r for r in result.reasons), result.reasons
 
 
+@pytest.mark.slow
 def test_a_non_finite_reference_is_bad_input(clean, tmp_path):
     _, out = clean
     broken = checkpoint_with(
@@ -142,6 +147,7 @@ def test_a_non_finite_reference_is_bad_input(clean, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_checksum_mismatch_fails_but_numbers_still_run(clean, tmp_path):
     source, out = clean
     tampered = tmp_path / "tampered"
@@ -153,6 +159,7 @@ def test_checksum_mismatch_fails_but_numbers_still_run(clean, tmp_path):
     assert result.first_failing_layer is None and len(result.layers) == ARGS.n_layers
 
 
+@pytest.mark.slow
 def test_hf_peer_adds_columns_that_agree_with_the_reference(clean):
     pytest.importorskip("transformers")
     source, out = clean
@@ -245,6 +252,7 @@ def test_bad_input_exits_2_with_one_line(clean, tmp_path, bad):
     assert len(lines) == 1 and expected in lines[0], lines
 
 
+@pytest.mark.slow
 def test_report_is_valid_json_even_with_non_finite_numbers(clean, tmp_path):
     source, _ = clean
     faulty = checkpoint_with(
@@ -276,6 +284,7 @@ def test_a_corrupted_shard_header_is_a_checksum_failure_exit_1(clean, tmp_path):
     assert "does not match its manifest" in result.output and shard.name in result.output
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "preset, expected",
     [({}, "false"), ({"XLA_PYTHON_CLIENT_PREALLOCATE": "true"}, "true")],
