@@ -78,6 +78,16 @@ def tensor_spec(args: ModelArgs) -> dict[str, Shape]:
     return spec
 
 
+def shell_modules(args: ModelArgs, part: str) -> tuple[str, ...]:
+    """The modules outside the blocks that `part` of the model needs: "embed" the embeddings,
+    "head" the final norm and the head (the embeddings, where the head is tied to them)."""
+    if part == "embed":
+        return ("tok_embeddings",)
+    if part == "head":
+        return ("norm", "tok_embeddings" if args.tied_embeddings else "output")
+    raise ValueError(f"part must be 'embed' or 'head', got {part!r}")
+
+
 # Tensors a multimodal folder keeps beside the text decoder (carried into OUT, loaded by none).
 VISION_PREFIXES = (
     "vision_encoder.",

@@ -24,7 +24,7 @@ from checkpoint.args import ModelArgs
 from checkpoint.dtypes import jax_dtype
 from checkpoint.errors import CheckpointError
 from checkpoint.folder import CheckpointFolder, open_folder
-from checkpoint.spec import tensor_spec
+from checkpoint.spec import shell_modules, tensor_spec
 from model_jax.model import Linear, Transformer, TransformerBlock
 from model_jax.sharding import sharded_array
 from model_jax.structure import LeafSpec, leaf_specs
@@ -124,10 +124,12 @@ class PortLoader:
         assert used == wanted, f"tensors not placed in the model: {sorted(wanted - used)}"
         return model
 
-    def shell(self, *, dtype="bfloat16", mesh: Mesh | None = None) -> Transformer:
-        """Embeddings, final norm and head loaded; the blocks are shapes only (nothing
+    def shell(self, part: str, *, dtype="bfloat16", mesh: Mesh | None = None) -> Transformer:
+        """What `part` needs loaded ("embed": the embeddings; "head": the final norm and the
+        head, `checkpoint.spec.shell_modules`); everything else shapes only (nothing
         allocated), for running the model one block at a time."""
-        wanted = lambda spec: "layers" not in spec.stacks  # noqa: E731
+        modules = shell_modules(self.args, part)
+        wanted = lambda spec: spec.path[0].name in modules  # noqa: E731
         model, _ = self._fill(self.skeleton(dtype), mesh, wanted, self.layout)
         return model
 
@@ -174,12 +176,14 @@ class PortLoader:
             chosen = names[lead] if names.ndim else names
             # A per-tensor scale may be stored 0-d or with one element: the model holds [1].
             block = [records[n].array().reshape(tail)[rest] for n in np.ravel(chosen)]
-            return np.stack(block).reshape(*np.shape(chosen), *block[0].shape)
+            # Copied out of the file's mapping and cast in one pass, on the host (a cast on
+            # the device would compile one program per tensor shape).
+            stacked = np.stack(block, dtype=leaf.dtype, casting="unsafe")
+            return stacked.reshape(*np.shape(chosen), *block[0].shape)
 
         if mesh is not None:
             return sharded_array(spec, leaf.shape, leaf.dtype, mesh, read_slice)
-        # Cast on the host: a device-side cast would compile one program per tensor shape.
-        return jax.device_put(np.asarray(read_slice(()), dtype=leaf.dtype))
+        return jax.device_put(read_slice(()))
 
 
 def load_model(folder: str | Path, *, dtype="bfloat16", mesh: Mesh | None = None) -> Transformer:

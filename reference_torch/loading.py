@@ -5,13 +5,15 @@ Only torch's own readers are used (`torch.load(weights_only=True, mmap=True)`, `
 never the JAX side's `checkpoint` readers, so a reader bug shows up as a parity failure instead
 of being shared by both models. `ReferenceLoader` reads the whole model, or only the embeddings,
 final norm and head (`shell`), or one block (`block`); each read maps the file, copies what it
-needs and drops the mapping, so streaming a 7B keeps one block resident.
+needs and drops the mapping, so streaming a 7B keeps one block resident (and that block's
+tensors in their stored dtype, for its next dtype).
 """
 
 import contextlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -20,10 +22,16 @@ from checkpoint.dtypes import torch_dtype
 from checkpoint.errors import CheckpointError, describe, reading
 from checkpoint.folder import raise_spec_problems, read_weight_map, weights_entry
 from checkpoint.pth import check_pickle_size
-from checkpoint.spec import FP8, layer_spec, tensor_spec
+from checkpoint.spec import FP8, layer_spec, shell_modules, tensor_spec
 from reference_torch.model import Transformer, TransformerBlock, make_block
 
-SHELL_KEYS = ("tok_embeddings.weight", "norm.weight", "output.weight")
+# An IEEE float is NaN or Inf exactly when its exponent bits are all ones.
+_EXPONENT_BITS = {
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+}
 
 
 class _Tensors:
@@ -110,6 +118,16 @@ def _safetensors_state(path: Path) -> Iterator[Mapping[str, torch.Tensor]]:
             raise CheckpointError(path, f"not a valid safetensors file ({describe(err)})") from None
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in a CPU tensor: the largest exponent field, read from the raw bits (a
+    masked integer max: an order of magnitude cheaper than `torch.isfinite` on bf16)."""
+    if tensor.dtype not in _EXPONENT_BITS or tensor.numel() == 0:
+        return bool(torch.isfinite(tensor).all())
+    bits, mask = _EXPONENT_BITS[tensor.dtype]
+    exponents = np.bitwise_and(tensor.contiguous().view(bits).numpy(), mask)
+    return int(exponents.max()) < mask
+
+
 def dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """An FP8 weight's real values: fp8 × scale, the product in float32 (HF's loader does the
     same; the JAX model too, inside its matmul). A per-row scale scales its row."""
@@ -126,27 +144,67 @@ class ReferenceLoader:
         self.roles = raise_spec_problems(self._tensors.source, self._tensors.shapes(), self.args)
         # weight name → its scale: FP8 weights are dequantized as they are read
         self._scales = {w: s for s, w in self.roles.weight_scales.items()}
+        self._finite: set[str] = set()  # tensors already found finite (each read is checked)
+        self._kept: tuple[tuple[str, ...], dict[str, torch.Tensor]] | None = None
 
     @property
     def weight_files(self) -> tuple[Path, ...]:
         return tuple(dict.fromkeys(self._tensors.files.values()))
 
     def _assign(
-        self, module: torch.nn.Module, names: dict[str, str], dtype, device, *, strict: bool = True
+        self,
+        module: torch.nn.Module,
+        names: dict[str, str],
+        dtype,
+        device,
+        *,
+        strict: bool = True,
+        keep: bool = False,
     ) -> None:
-        """Copy the checkpoint tensors `names` (module key → checkpoint key) into `module`;
-        CheckpointError naming the first tensor that holds NaN or Inf."""
-        scales = [self._scales[n] for n in names.values() if n in self._scales]
-        with self._tensors.read([*names.values(), *scales]) as tensors:
-            state = {}
-            for key, name in names.items():
+        """Copy the checkpoint tensors `names` (module key → checkpoint key) into `module`.
+        `keep`: the tensors stay in memory in their stored dtype until other names are kept,
+        so a block asked for in bf16, fp32 and float64 in turn is read from its file once."""
+        dtype = torch_dtype(dtype)
+        if keep:
+            stored = self._kept_tensors(tuple(names.values()))
+            state = {
+                key: stored[name].to(device=device, dtype=dtype) for key, name in names.items()
+            }
+        else:
+            with self._stored(tuple(names.values())) as stored:
+                state = {
+                    key: stored[name].to(device=device, dtype=dtype, copy=True)
+                    for key, name in names.items()
+                }
+        module.load_state_dict(state, strict=strict, assign=True)
+
+    @contextlib.contextmanager
+    def _stored(self, names: tuple[str, ...]) -> Iterator[dict[str, torch.Tensor]]:
+        """The named tensors in their stored dtype (FP8 weights dequantized), still backed by
+        the file; CheckpointError naming the first that holds NaN or Inf (each checked on its
+        first read only)."""
+        scales = [self._scales[n] for n in names if n in self._scales]
+        with self._tensors.read([*names, *scales]) as tensors:
+            out = {}
+            for name in names:
                 tensor = tensors[name]
                 if name in self._scales:
                     tensor = dequantize(tensor, tensors[self._scales[name]])
-                if not torch.isfinite(tensor).all():
-                    raise CheckpointError(self._tensors.files[name], f"tensor {name} is not finite")
-                state[key] = tensor.to(device=device, dtype=torch_dtype(dtype), copy=True)
-        module.load_state_dict(state, strict=strict, assign=True)
+                if name not in self._finite:
+                    if not all_finite(tensor):
+                        path = self._tensors.files[name]
+                        raise CheckpointError(path, f"tensor {name} is not finite")
+                    self._finite.add(name)
+                out[name] = tensor
+            yield out
+
+    def _kept_tensors(self, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """`_stored(names)` copied into memory, kept until other names are asked for."""
+        if self._kept is None or self._kept[0] != names:
+            self._kept = None  # the previous block's tensors freed before these are read
+            with self._stored(names) as stored:
+                self._kept = (names, {name: t.clone() for name, t in stored.items()})
+        return self._kept[1]
 
     def model(self, *, dtype="bfloat16", device: str | torch.device = "cpu") -> Transformer:
         """The whole model, strict on keys and shapes."""
@@ -156,21 +214,24 @@ class ReferenceLoader:
         self._assign(model, names, dtype, device)
         return model.eval().requires_grad_(False)
 
-    def shell(self, *, dtype="bfloat16", device: str | torch.device = "cpu") -> Transformer:
-        """Embeddings, final norm and head loaded; the blocks stay on the meta device."""
+    def shell(
+        self, part: str, *, dtype="bfloat16", device: str | torch.device = "cpu"
+    ) -> Transformer:
+        """What `part` needs loaded ("embed": the embeddings; "head": the final norm and the
+        head, `checkpoint.spec.shell_modules`); everything else stays on the meta device."""
         with torch.device("meta"):
             model = Transformer(self.args)
-        shell = {n: n for n in SHELL_KEYS if n in tensor_spec(self.args)}
+        shell = {f"{m}.weight": f"{m}.weight" for m in shell_modules(self.args, part)}
         self._assign(model, shell, dtype, device, strict=False)
         return model.eval().requires_grad_(False)
 
     def block(
         self, i: int, *, dtype="bfloat16", device: str | torch.device = "cpu"
     ) -> TransformerBlock:
-        """Block `i` alone."""
+        """Block `i` alone (its tensors kept in memory for the next dtype: `_assign`)."""
         with torch.device("meta"):
             block = make_block(self.args, i)
         prefix = f"layers.{i}."
         names = {name: prefix + name for name in layer_spec(self.args, i)}
-        self._assign(block, names, dtype, device)
+        self._assign(block, names, dtype, device, keep=True)
         return block.eval().requires_grad_(False)

@@ -171,10 +171,10 @@ class MemoReference(runners.TorchRunner):
             lambda: self._loaded("model", dtype, runners.TorchRunner.model(self, dtype)),
         )
 
-    def shell(self, dtype):
+    def shell(self, part, dtype):
         return self._memo(
-            ("shell", dtype),
-            lambda: self._loaded("shell", dtype, runners.TorchRunner.shell(self, dtype)),
+            ("shell", part, dtype),
+            lambda: self._loaded(part, dtype, runners.TorchRunner.shell(self, part, dtype)),
         )
 
     def group(self, g, dtype):

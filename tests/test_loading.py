@@ -1,10 +1,13 @@
 """Loading is strict: a bad folder fails with one clear error naming the file/key and shapes,
 and a pickle never gets to run code."""
 
+import dataclasses
 import json
 import pickle
 import zipfile
 
+import equinox as eqx
+import jax
 import jax.numpy as jnp
 import pytest
 import torch
@@ -16,6 +19,8 @@ from checkpoint.folder import open_folder
 from checkpoint.pth import read_pth_table
 from checkpoint.tiny import random_state_dict, write_tiny_checkpoint
 from model_jax import load_model
+from model_jax.loading import PortLoader
+from reference_torch.loading import ReferenceLoader, all_finite
 
 LOADERS = {
     "torch": lambda folder: reference_torch.Transformer.from_folder(folder, dtype=torch.float32),
@@ -177,3 +182,51 @@ def test_open_folder_refuses_both_weight_files(tmp_path):
         CheckpointError, match=r"found consolidated\.00\.pth, consolidated\.safetensors"
     ):
         open_folder(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_the_bit_level_finiteness_check_finds_every_nan_and_inf(dtype):
+    info = torch.finfo(dtype)
+    finite = torch.tensor([0.0, -0.0, info.max, -info.max, info.tiny, -info.eps], dtype=dtype)
+    assert all_finite(finite)
+    for bad in (float("nan"), -float("nan"), float("inf"), -float("inf")):
+        tensor = finite.repeat(1000)
+        tensor[1234] = bad
+        assert not all_finite(tensor), bad
+    assert all_finite(torch.empty(0, dtype=dtype))
+
+
+def test_a_reference_block_asked_for_in_three_dtypes_is_read_once(tmp_path, state, monkeypatch):
+    loader = ReferenceLoader(folder_with_state(tmp_path, state))
+    reads = []
+    original = loader._tensors.read
+    monkeypatch.setattr(
+        loader._tensors, "read", lambda names: reads.append(names) or original(names)
+    )
+    blocks = [loader.block(1, dtype=d) for d in ("bfloat16", "float32", "float64")]
+    assert len(reads) == 1
+    for block in blocks:  # each in its dtype, with the stored values
+        weight = block.attention.wq.weight
+        assert torch.equal(weight, state["layers.1.attention.wq.weight"].to(weight.dtype))
+    loader.block(0, dtype="float32")
+    assert len(reads) == 2
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_shell_holds_only_what_its_part_needs(tmp_path, tied):
+    args = dataclasses.replace(BASE, tied_embeddings=tied)
+    folder = folder_with_state(tmp_path, random_state_dict(args), args)
+    head = {"norm", "tok_embeddings" if tied else "output"}
+    for part, loaded in (("embed", {"tok_embeddings"}), ("head", head)):
+        torch_shell = ReferenceLoader(folder).shell(part, dtype="float32")
+        on_meta = {n.split(".")[0] for n, p in torch_shell.named_parameters() if p.is_meta}
+        in_memory = {n.split(".")[0] for n, p in torch_shell.named_parameters() if not p.is_meta}
+        assert in_memory == loaded and "layers" in on_meta
+        jax_shell = PortLoader(folder).shell(part, dtype="float32")
+        arrays = {
+            name
+            for name in ("tok_embeddings", "norm", "output")
+            if isinstance(getattr(jax_shell, name), eqx.Module)
+            and isinstance(jax.tree.leaves(getattr(jax_shell, name))[0], jax.Array)
+        }
+        assert arrays == loaded

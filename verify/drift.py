@@ -134,8 +134,8 @@ def drift(
         return None if peer is None else {d: [p[k] for p in per] for d, per in peer.items()}
 
     embedded = {}
-    for s in stepped:  # one embedding table at a time; the head is read again at the end
-        shell = runner_of[s].shell(streams[s])
+    for s in stepped:  # one embedding table at a time
+        shell = runner_of[s].shell("embed", streams[s])
         embedded[s] = [runner_of[s].embed(shell, p) for p in prompts]
         del shell
     states = current(0, embedded)
@@ -153,7 +153,7 @@ def drift(
                 on_block(i)
     heads = {}
     for s in stepped:
-        shell = runner_of[s].shell(streams[s])
+        shell = runner_of[s].shell("head", streams[s])
         heads[s] = [runner_of[s].head(shell, h) for h in states[s]]
         del shell
     normed = current(n_layers + 1, {s: [h[0] for h in heads[s]] for s in stepped})

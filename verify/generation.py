@@ -98,14 +98,14 @@ def streamed_top1(
     """The top-1 along each continuation of an implementation held one group at a time
     (the reference in fp32 while only its bf16 model was loaded whole)."""
     sequences = [p + ids[:-1] for p, ids in zip(prompts, continuations, strict=True)]
-    shell = runner.shell(dtype)
+    shell = runner.shell("embed", dtype)
     states = [runner.embed(shell, s) for s in sequences]
     del shell
     for g in range(len(runner.args.layer_groups)):
         group = runner.group(g, dtype)
         states = [runner.run_group(group, h)[-1] for h in states]
         del group
-    shell = runner.shell(dtype)
+    shell = runner.shell("head", dtype)
     logits = [runner.head(shell, h)[1] for h in states]
     return [lg[len(p) - 1 :].argmax(-1) for lg, p in zip(logits, prompts, strict=True)]
 

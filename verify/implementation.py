@@ -42,14 +42,15 @@ class WholeForward(Protocol):
 class Implementation(WholeForward, Protocol):
     """An implementation verify can judge group by group and piece by piece."""
 
-    def shell(self, dtype: str) -> Any:
-        """Embeddings, final norm and head, without the blocks."""
+    def shell(self, part: str, dtype: str) -> Any:
+        """The model without its blocks, holding what `part` needs: "embed" (for `embed`) or
+        "head" (for `head`), as `checkpoint.spec.shell_modules` lists."""
 
     def embed(self, shell: Any, tokens: list[int]) -> np.ndarray:
-        """(T, dim) embeddings."""
+        """(T, dim) embeddings (an "embed" shell)."""
 
     def head(self, shell: Any, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The final norm of h and the fp32 logits."""
+        """The final norm of h and the fp32 logits (a "head" shell)."""
 
     def group(self, g: int, dtype: str) -> Any:
         """The blocks of the forward's step g (`ModelArgs.layer_groups`), built as the forward

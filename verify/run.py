@@ -1,5 +1,6 @@
 """`run_verification`: checksums, per-layer drift, logits and generation, judged by gates."""
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import gc
@@ -117,13 +118,11 @@ def run_verification(
     thresholds = thresholds or Thresholds()
     step = on_step or (lambda message: None)
     torch_device, jax_device = resolve_devices(device)
-    step("checksums")
-    checksum_problems = check_converted(converted)
     ref = TorchRunner(reference, torch_device)
     try:
         port = JaxRunner(converted, mesh)
     except CheckpointError as err:
-        if checksum_problems:
+        if checksum_problems := check_converted(converted):
             raise ChecksumFailure(checksum_problems, err) from None
         raise
     if ref.args != port.args:
@@ -156,7 +155,12 @@ def run_verification(
 
     if peer not in (None, "hf"):
         raise ValueError(f"unknown peer {peer!r} (supported: hf)")
-    with contextlib.ExitStack() as stack:
+    # Both folders' SHA-256 on a thread of their own while the models run: hashlib and file
+    # reads release the GIL, so hashing overlaps the models' work instead of preceding it.
+    with concurrent.futures.ThreadPoolExecutor(1) as hashing, contextlib.ExitStack() as stack:
+        step("checksums (in the background)")
+        converted_check = hashing.submit(check_converted, converted)
+        input_checksums = hashing.submit(_input_checksums, ref, converted)
         peer_states = peer_logits = hf = None
         if peer == "hf":
             step("peer: HF transformers")
@@ -184,6 +188,8 @@ def run_verification(
                 step("generation: the reference's own agreement")
                 generated = [t for t, s in zip(token_prompts, starts, strict=True) if s == 0]
                 generation = _generation_baseline(generation, ref, hf, generated, dtype)
+        step("checksums: waiting for the hashes")
+        checksum_problems = converted_check.result()
     return _judge(
         result,
         prompts,
@@ -195,7 +201,7 @@ def run_verification(
         Checksums(
             ok=not checksum_problems,
             problems=tuple(checksum_problems),
-            **_input_checksums(ref, converted),
+            **input_checksums.result(),
         ),
         settings={
             "model_args": ref.args.to_dict(),

@@ -33,8 +33,8 @@ from verify.implementation import WHOLE_BLOCK, PieceOutputs, Values
 
 def padded_length(n: int) -> int:
     """The JAX side pads sequences to a few lengths, so prompts share compilations: powers of
-    two from 64 up to 512, then multiples of 256 (≤ 1.5× the work)."""
-    return bucket(n, 64) if n <= 512 else -(-n // 256) * 256
+    two from 8 up to 512, then multiples of 256 (≤ 2× the work)."""
+    return bucket(n, 8) if n <= 512 else -(-n // 256) * 256
 
 
 class Group(NamedTuple):
@@ -63,8 +63,8 @@ class TorchRunner:
     def model(self, dtype: str) -> reference_torch.Transformer:
         return self.loader.model(dtype=dtype, device=self.device)
 
-    def shell(self, dtype: str) -> reference_torch.Transformer:
-        return self.loader.shell(dtype=dtype, device=self.device)
+    def shell(self, part: str, dtype: str) -> reference_torch.Transformer:
+        return self.loader.shell(part, dtype=dtype, device=self.device)
 
     def group(self, g: int, dtype: str) -> Group:
         blocks = [
@@ -149,8 +149,8 @@ class JaxRunner:
     def model(self, dtype: str) -> model_jax.Transformer:
         return self.loader.model(dtype=dtype, mesh=self.mesh)
 
-    def shell(self, dtype: str) -> model_jax.Transformer:
-        return self.loader.shell(dtype=dtype, mesh=self.mesh)
+    def shell(self, part: str, dtype: str) -> model_jax.Transformer:
+        return self.loader.shell(part, dtype=dtype, mesh=self.mesh)
 
     def group(self, g: int, dtype: str) -> Group:
         return Group(self.loader.group(g, dtype=dtype, mesh=self.mesh), jnp.dtype(jax_dtype(dtype)))
