@@ -4,7 +4,6 @@ import concurrent.futures
 import contextlib
 import dataclasses
 import gc
-import hashlib
 import importlib.metadata
 import os
 import platform
@@ -22,6 +21,7 @@ from checkpoint.errors import CheckpointError
 from checkpoint.spec import Roles
 from checkpoint.tokenizer import Tokenizer
 from convert.check import check_converted
+from convert.manifest import sha256_file
 from verify.drift import Drift, drift, free_sums, whole_model_states
 from verify.gates import (
     Thresholds,
@@ -476,22 +476,14 @@ def _differences(a: dict, b: dict) -> str:
     return ", ".join(f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in keys)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 * 2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _input_checksums(ref: TorchRunner, converted: Path) -> dict:
     manifest = converted / "manifest.json"
     return {
         "reference_weights": tuple(
-            {"file": p.name, "sha256": _sha256(p)} for p in ref.loader.weight_files
+            {"file": p.name, "sha256": sha256_file(p)} for p in ref.loader.weight_files
         ),
-        "reference_params_sha256": _sha256(ref.loader.folder / "params.json"),
-        "converted_manifest_sha256": _sha256(manifest) if manifest.exists() else None,
+        "reference_params_sha256": sha256_file(ref.loader.folder / "params.json"),
+        "converted_manifest_sha256": sha256_file(manifest) if manifest.exists() else None,
     }
 
 
