@@ -22,6 +22,7 @@ from checkpoint.spec import Roles
 from checkpoint.tokenizer import Tokenizer
 from convert.check import check_converted
 from convert.manifest import sha256_file
+from model_jax.generate import check_positions
 from verify.drift import Drift, drift, free_sums, whole_model_states
 from verify.gates import (
     Thresholds,
@@ -138,18 +139,16 @@ def run_verification(
         for p in prompts or builtin_prompts(tokenizer)
     ]
     prompts += position_probes(ref.args, tokenizer)
-    limit = ref.args.max_position_embeddings
     for prompt in prompts:
         if not prompt.tokens or max(prompt.tokens) >= ref.args.vocab_size:
             raise ValueError(
                 f"prompt {prompt.text[:40]!r} is empty or has ids beyond the vocabulary"
             )
-        end = prompt.start + len(prompt.tokens) + (0 if prompt.start else max_new_tokens)
-        if limit is not None and end > limit:
-            raise ValueError(
-                f"prompt {prompt.text[:40]!r} with {max_new_tokens} new tokens reaches "
-                f"position {end - 1}, past max_position_embeddings {limit}"
-            )
+        new_tokens = 0 if prompt.start else max_new_tokens  # position probes generate none
+        try:
+            check_positions(ref.args, prompt.start + len(prompt.tokens), new_tokens)
+        except ValueError as err:
+            raise ValueError(f"prompt {prompt.text[:40]!r}: {err}") from None
     token_prompts = [list(p.tokens) for p in prompts]
     starts = [p.start for p in prompts]
 
