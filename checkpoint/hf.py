@@ -7,7 +7,8 @@ other (HF `convert_mistral_weights_to_hf.py` uses the same `view(h, hd/2, 2, dim
 Names and config keys from transformers `MistralConfig` / `MixtralConfig` / `MinistralConfig`
 and, for params.json with `yarn` or `llama_4_scaling`, `Ministral3Config` (transformers 5.x:
 `rope_parameters` as `modeling_rope_utils._compute_yarn_parameters` and
-`Ministral3Attention` read it).
+`Ministral3Attention` read it). Latent attention with fine-grained experts:
+`checkpoint.hf_mistral4` (transformers' Mistral4, no permutation, experts stacked).
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import re
 
 import numpy as np
 
+from checkpoint import hf_mistral4
 from checkpoint.args import ModelArgs, MoeArgs
 from checkpoint.sections import Llama4ScalingArgs, YarnArgs
 
@@ -30,7 +32,7 @@ _LAYER_NAMES = {
     "feed_forward.gate.weight": "block_sparse_moe.gate.weight",
     "attention_norm.weight": "input_layernorm.weight",
     "ffn_norm.weight": "post_attention_layernorm.weight",
-}
+} | hf_mistral4.LAYER_NAMES
 _TOP_NAMES = {
     "tok_embeddings.weight": "model.embed_tokens.weight",
     "norm.weight": "model.norm.weight",
@@ -45,6 +47,8 @@ def to_hf_name(name: str) -> str:
     layer, rest = re.fullmatch(r"layers\.(\d+)\.(.+)", name).groups()
     if expert := _EXPERT.fullmatch(rest):
         return f"model.layers.{layer}.block_sparse_moe.experts.{expert[1]}.{expert[2]}.weight"
+    if expert := hf_mistral4.EXPERT.fullmatch(rest):  # a part of a stacked tensor
+        return f"model.layers.{layer}.{hf_mistral4.STACKED[expert[2]]}"
     return f"model.layers.{layer}.{_LAYER_NAMES[rest]}"
 
 
@@ -211,8 +215,8 @@ def rope_parameters(args: ModelArgs) -> dict | None:
         scaling.original_max_position_embeddings != yarn.original_max_position_embeddings
     ):
         raise ValueError(
-            "transformers cannot express this llama_4_scaling: its Ministral3 reads the "
-            "Llama-4 scaling length from yarn's original_max_position_embeddings "
+            "transformers cannot express this llama_4_scaling: its Ministral3 and Mistral4 read "
+            "the Llama-4 scaling length from yarn's original_max_position_embeddings "
             f"({yarn.original_max_position_embeddings}), but "
             "llama_4_scaling.original_max_position_embeddings is "
             f"{scaling.original_max_position_embeddings}"
@@ -237,12 +241,9 @@ def hf_config(args: ModelArgs, torch_dtype: str) -> dict:
     and/or `llama_4_scaling`: `rope_parameters`). The text model only: a vision encoder and FP8
     quantization are not part of it (the converter leaves the one out and dequantizes the
     other). ValueError when transformers cannot express the model exactly."""
-    if args.latent or (args.moe is not None and args.moe.fine_grained):
-        raise ValueError(
-            "the HF export of latent attention and fine-grained experts (Mistral4ForCausalLM, "
-            "experts fused as gate_up_proj) is not implemented"
-        )
     rope = rope_parameters(args)
+    if args.latent or (args.moe is not None and args.moe.fine_grained):
+        return hf_mistral4.mistral4_config(args, rope, torch_dtype)
     if rope is not None:
         return _ministral3_config(args, rope, torch_dtype)
     windows = args.layer_windows
@@ -358,6 +359,11 @@ def args_from_hf_config(config: dict) -> ModelArgs:
     if not isinstance(config, dict):
         raise ValueError("config.json is not a JSON object")
     model_type = config.get("model_type")
+    if model_type == "mistral4":
+        raise ValueError(
+            "model_type 'mistral4' (latent attention + fine-grained experts) is not read back: "
+            "convert its official folder (params.json) instead"
+        )
     if model_type not in MODEL_TYPES:
         raise ValueError(
             f"model_type {model_type!r} is not supported (only {', '.join(MODEL_TYPES)})"
