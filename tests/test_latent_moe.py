@@ -131,6 +131,18 @@ def test_verify_passes_both_and_judges_every_declared_piece(folders, stream):
         assert router.integer_unexplained_bf16 == 0 and router.integer_tokens > 0
 
 
+@pytest.mark.slow
+def test_verify_with_the_hf_peer_passes_clean(folders):
+    """The peer is transformers' Mistral4ForCausalLM on the `--format hf` export."""
+    source, out = folders["large3"]
+    report = run_verification(source, out, prompts=[PROMPT], stream_layers=True, peer="hf")
+    assert report.verdict == "pass" and report.peer == "hf", report.reasons
+    assert report.logits.peer.fp32_error <= 1e-5
+    blocks = [e for e in report.layers if e.peer_fp32_error is not None]
+    assert len(blocks) == LARGE3.n_layers - 1  # the peer's last block output comes normed
+    assert all(e.peer_fp32_error <= 1e-5 for e in blocks)
+
+
 def rope_on_the_nope_part(patch):
     queries = jax_latent.LatentAttention.queries
 

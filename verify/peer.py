@@ -1,7 +1,9 @@
 """A third implementation for the report: HF transformers, run on the same prompts.
 
 The reference folder is exported with `mistral-convert --format hf` into a temporary folder and
-loaded with `AutoModelForCausalLM` in fp32 and bf16. The peer offers only its whole forward
+loaded in fp32 and bf16 by the class its config.json names (`architectures`: transformers 5.x
+does not register `Mistral4ForCausalLM`, the latent-attention export, with
+`AutoModelForCausalLM`). The peer offers only its whole forward
 (`verify.implementation.WholeForward`): its hidden states (embeddings, after each block but the
 last, final norm) and logits join the report as extra columns; it is not judged piece by piece.
 transformers is an optional dependency (`pip install transformers`).
@@ -9,6 +11,7 @@ transformers is an optional dependency (`pip install transformers`).
 
 import contextlib
 import importlib
+import json
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,11 +35,11 @@ class HFPeer:
             raise ValueError("--peer hf needs transformers: pip install transformers") from None
         self._transformers.utils.logging.disable_progress_bar()  # verify draws its own
         self.folder, self.args, self.device = folder, args, device
+        (architecture,) = json.loads((folder / "config.json").read_text())["architectures"]
+        self._model_class = getattr(self._transformers, architecture)
 
     def model(self, dtype: str):
-        model = self._transformers.AutoModelForCausalLM.from_pretrained(
-            self.folder, dtype=torch_dtype(dtype)
-        )
+        model = self._model_class.from_pretrained(self.folder, dtype=torch_dtype(dtype))
         return model.to(self.device).eval()
 
     @torch.inference_mode()
