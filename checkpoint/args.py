@@ -19,6 +19,7 @@ from typing import Any
 from checkpoint.errors import CheckpointError, read_json
 from checkpoint.sections import (
     MAX_SIZE,
+    BlockFP8Args,
     Llama4ScalingArgs,
     MoeArgs,
     QuantizationArgs,
@@ -35,7 +36,6 @@ IGNORED_KEYS = frozenset({"max_batch_size"})
 _LARGE_4 = "Mistral Large 4's sparse-attention indexer, NoPE layers and KV sharing"
 UNSUPPORTED_KEYS = {
     "lora": "LoRA adapters",
-    "quantization_config": "block-FP8 (compressed-tensors) weights; use the release's BF16 repo",
     "no_rope_layers": _LARGE_4,
     "kv_source_layers": _LARGE_4,
     "index_topk": _LARGE_4,
@@ -46,6 +46,7 @@ SECTIONS = {
     "yarn": YarnArgs,
     "llama_4_scaling": Llama4ScalingArgs,
     "quantization": QuantizationArgs,
+    "quantization_config": BlockFP8Args,
 }
 # `multimodal` may hold a vision encoder (carried beside the text decoder); audio is refused.
 MULTIMODAL_KEYS = {"vision_encoder_args": None, "whisper_model_args": "an audio encoder (Voxtral)"}
@@ -76,6 +77,10 @@ class ModelArgs:
     # FP8 linears (scales beside them): how the weights are stored, not what they compute,
     # so a dequantized copy describes the same model (compared as equal).
     quantization: QuantizationArgs | None = dataclasses.field(
+        default=None, compare=False, hash=False
+    )
+    # Block FP8 (Large 3: compressed-tensors, `X.weight_scale` per 128×128 block): the same.
+    quantization_config: BlockFP8Args | None = dataclasses.field(
         default=None, compare=False, hash=False
     )
     # A vision encoder beside the text decoder: carried, not modelled (compared as equal).
@@ -118,6 +123,8 @@ class ModelArgs:
             value = getattr(self, name)
             if value is not None and not isinstance(value, section):
                 raise ValueError(f"{name} must be {section.__name__}, got {type(value).__name__}")
+        if self.quantization is not None and self.quantization_config is not None:
+            raise ValueError("both quantization and quantization_config are set")
         for name in ("max_position_embeddings", "max_seq_len"):
             if getattr(self, name) is not None:
                 _check_positive_ints(self, (name,))
@@ -133,6 +140,11 @@ class ModelArgs:
     def latent(self) -> bool:
         """Whether attention is multi-head latent attention (MLA)."""
         return self.kv_lora_rank is not None
+
+    @property
+    def fp8_block(self) -> tuple[int, int] | None:
+        """The rows × columns each `weight_scale` covers (block FP8), else None."""
+        return self.quantization_config.block if self.quantization_config else None
 
     @property
     def dense_layers(self) -> int:

@@ -199,3 +199,85 @@ class QuantizationArgs:
             raise ValueError(
                 f"qscheme_act {self.qscheme_act!r} is unsupported (TENSOR or NO_SCALES)"
             )
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockFP8Args:
+    """Block FP8 in compressed-tensors form (`quantization_config`, Mistral Large 3): quantized
+    linears store `X.weight` as float8_e4m3fn with `X.weight_scale` beside it, one scale per
+    `block` of the weight (rows × columns, 128×128 in the release): weight = fp8 × the scale
+    of its block. Which linears are quantized is read from the tensors (`ignore` lists them in
+    HF's or vLLM's names, kept as given). Activations quantized dynamically (FP8 per group at
+    run time, nothing stored) describe the serving kernel, not the weights: both models here
+    run activations in the compute dtype, as they do for the per-tensor `quantization`.
+
+    Refused by name: another method or format, weights other than 8-bit float in blocks,
+    asymmetric weights, static activation scales, an FP8 KV cache, sparsity or transforms."""
+
+    quant_method: str
+    config_groups: dict
+    format: str = "float-quantized"
+    ignore: list | None = None
+    quantization_status: str | None = None
+    kv_cache_scheme: dict | None = None
+    sparsity_config: dict | None = None
+    transform_config: dict | None = None
+    global_compression_ratio: float | None = None
+    version: str | None = None
+
+    def __post_init__(self):
+        if self.quant_method != "compressed-tensors":
+            raise ValueError(f"quant_method {self.quant_method!r} is unsupported")
+        if self.format != "float-quantized":
+            raise ValueError(f"format {self.format!r} is unsupported (only float-quantized)")
+        for name in ("kv_cache_scheme", "sparsity_config", "transform_config"):
+            if getattr(self, name):
+                raise ValueError(f"{name} is unsupported")
+        if not isinstance(self.config_groups, dict) or not self.config_groups:
+            raise ValueError("config_groups must be a non-empty object")
+        blocks = {_group_block(name, g) for name, g in self.config_groups.items()}
+        if len(blocks) > 1:
+            raise ValueError(f"config_groups use different blocks {sorted(blocks)}")
+
+    @property
+    def block(self) -> tuple[int, int]:
+        """The rows × columns of the weight each scale covers."""
+        return next(_group_block(n, g) for n, g in self.config_groups.items())
+
+
+def _group_block(name: str, group) -> tuple[int, int]:
+    """The block of one config group's weights; ValueError naming what it cannot implement."""
+    if not isinstance(group, dict) or not isinstance(group.get("weights"), dict):
+        raise ValueError(f"config_groups.{name} must hold a weights object")
+    weights = group["weights"]
+    wanted = {"num_bits": 8, "type": "float", "strategy": "block", "dynamic": False}
+    for key, value in wanted.items():
+        if weights.get(key, value) != value:
+            raise ValueError(
+                f"config_groups.{name}.weights.{key} {weights.get(key)!r} is unsupported "
+                f"(block FP8 needs {value!r})"
+            )
+    if weights.get("symmetric", True) is not True:
+        raise ValueError(f"config_groups.{name}: asymmetric weights are unsupported")
+    block = weights.get("block_structure")
+    if (
+        not isinstance(block, list)
+        or len(block) != 2
+        or not all(
+            isinstance(b, int) and not isinstance(b, bool) and 0 < b <= MAX_SIZE for b in block
+        )
+    ):
+        raise ValueError(
+            f"config_groups.{name}.weights.block_structure must be [rows, columns], got {block!r}"
+        )
+    activations = group.get("input_activations")
+    if activations is not None and (
+        not isinstance(activations, dict) or activations.get("dynamic") is not True
+    ):
+        raise ValueError(
+            f"config_groups.{name}: static input activation scales are unsupported "
+            "(only dynamic ones, which store nothing)"
+        )
+    if group.get("output_activations") is not None:
+        raise ValueError(f"config_groups.{name}: output activation quantization is unsupported")
+    return tuple(block)

@@ -97,6 +97,7 @@ VISION_PREFIXES = (
 )
 FP8 = "F8_E4M3"
 WEIGHT_SCALE, ACTIVATION_SCALE = "qscale_weight", "qscale_act"
+BLOCK_SCALE = "weight_scale"  # compressed-tensors block FP8: one scale per block of the weight
 # FP8 KV-cache / attention fake-quantizer scales of served checkpoints: carried, unused.
 _FAKE_QUANTIZER = re.compile(r"layers\.\d+\.attention\.(kv|q|k|v)_fake_quantizer\.qscale_act")
 
@@ -105,7 +106,7 @@ _FAKE_QUANTIZER = re.compile(r"layers\.\d+\.attention\.(kv|q|k|v)_fake_quantizer
 class Roles:
     """What each tensor of a folder is for, beyond the text decoder's weights."""
 
-    weight_scales: dict[str, str]  # X.qscale_weight → X.weight (weight = fp8 × scale)
+    weight_scales: dict[str, str]  # X.qscale_weight (X.weight_scale) → X.weight (fp8 × scale)
     activation_scales: tuple[str, ...]  # X.qscale_act: static input scales (unused: bf16 runs)
     carried: tuple[str, ...]  # vision tensors, carried byte for byte
     unused: tuple[str, ...]  # fake-quantizer scales, carried and reported unused
@@ -132,16 +133,17 @@ def classify(found: dict[str, tuple[Shape, str]], args: ModelArgs) -> tuple[Role
         if k in found and tuple(found[k][0]) != s
     ]
     scales, acts, carried, unused = {}, [], [], []
+    scale_kind = BLOCK_SCALE if args.fp8_block else WEIGHT_SCALE
     for name, (shape, dtype) in found.items():
         if name in expected:
-            if dtype == FP8 and f"{name.removesuffix('.weight')}.{WEIGHT_SCALE}" not in found:
-                problems.append(f"tensor {name} is FP8 without its {WEIGHT_SCALE}")
+            if dtype == FP8 and f"{name.removesuffix('.weight')}.{scale_kind}" not in found:
+                problems.append(f"tensor {name} is FP8 without its {scale_kind}")
             continue
         base, _, kind = name.rpartition(".")
         weight = f"{base}.weight"
-        if kind in (WEIGHT_SCALE, ACTIVATION_SCALE) and weight in expected:
-            problems += _scale_problems(name, shape, found[weight], kind)
-            if kind == WEIGHT_SCALE:
+        if kind in (scale_kind, ACTIVATION_SCALE) and weight in expected:
+            problems += _scale_problems(name, shape, found[weight], kind, args.fp8_block)
+            if kind == scale_kind:
                 scales[name] = weight
             else:
                 acts.append(name)
@@ -151,21 +153,34 @@ def classify(found: dict[str, tuple[Shape, str]], args: ModelArgs) -> tuple[Role
             unused.append(name)
         else:
             problems.append(f"unexpected tensor {name}")
-    if scales and args.quantization is None:
+    if scales and args.quantization is None and args.quantization_config is None:
         problems.append("FP8 weights (qscale_weight) but no quantization in params.json")
     return Roles(scales, tuple(acts), tuple(carried), tuple(unused)), problems
 
 
-def _scale_problems(name: str, shape: Shape, weight: tuple[Shape, str], kind: str) -> list[str]:
-    """A weight scale: 0-d, one element or one per output row, beside an FP8 weight; an
-    activation scale: 0-d or one element."""
+def block_grid(weight_shape: Shape, block: tuple[int, int]) -> Shape:
+    """How many blocks of `block` (rows × columns) tile a weight, a partial block counted."""
+    return tuple(-(-size // b) for size, b in zip(weight_shape, block, strict=True))
+
+
+def _scale_problems(
+    name: str, shape: Shape, weight: tuple[Shape, str], kind: str, block: tuple[int, int] | None
+) -> list[str]:
+    """A weight scale: 0-d, one element or one per output row, beside an FP8 weight (with
+    block FP8: one per block); an activation scale: 0-d or one element."""
     (weight_shape, weight_dtype), shape = weight, tuple(shape)
-    allowed = [(), (1,)] + ([(weight_shape[0],)] if kind == WEIGHT_SCALE else [])
-    if shape not in allowed:
+    if kind == BLOCK_SCALE:
+        grid = block_grid(weight_shape, block)
+        if shape != grid:
+            return [
+                f"tensor {name} has shape {list(shape)}, expected {list(grid)} (one scale per "
+                f"{block[0]}×{block[1]} block of its weight {list(weight_shape)})"
+            ]
+    elif shape not in [(), (1,)] + ([(weight_shape[0],)] if kind == WEIGHT_SCALE else []):
         return [
             f"tensor {name} has shape {list(shape)}, expected [] or [1]"
             + (f" or [{weight_shape[0]}]" if kind == WEIGHT_SCALE else "")
         ]
-    if kind == WEIGHT_SCALE and weight_dtype != FP8:
+    if kind in (WEIGHT_SCALE, BLOCK_SCALE) and weight_dtype != FP8:
         return [f"tensor {name} scales a weight that is not FP8 ({weight_dtype})"]
     return []

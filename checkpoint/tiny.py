@@ -125,6 +125,60 @@ def quantize_fp8(
     return out
 
 
+def quantize_fp8_blocks(
+    state: dict[str, torch.Tensor], names, block: tuple[int, int], *, scale_dtype=torch.float32
+) -> dict[str, torch.Tensor]:
+    """`state` with the weights `names` stored as compressed-tensors block FP8 (Large 3's
+    `quantization_config`): X.weight in float8_e4m3fn, X.weight_scale one scale per `block`
+    (rows × columns) of it, the last blocks partial; weight = fp8 × its block's scale."""
+    out = dict(state)
+    for name in names:
+        weight = state[name].float()
+        (rows, cols), (row_block, col_block) = weight.shape, block
+        grid = (-(-rows // row_block), -(-cols // col_block))
+        padded = torch.zeros(grid[0] * row_block, grid[1] * col_block)
+        padded[:rows, :cols] = weight.abs()
+        amax = padded.reshape(grid[0], row_block, grid[1], col_block).amax(dim=(1, 3))
+        scale = (amax.clamp(min=1e-12) / FP8_MAX).to(scale_dtype)
+        expanded = scale.float().repeat_interleave(row_block, 0)[:rows]
+        expanded = expanded.repeat_interleave(col_block, 1)[:, :cols]
+        out[name] = (weight / expanded).to(torch.float8_e4m3fn)
+        out[f"{name.removesuffix('.weight')}.weight_scale"] = scale
+    return out
+
+
+def block_fp8_config(block: tuple[int, int]) -> dict:
+    """A params.json `quantization_config` as Large 3 ships it: compressed-tensors, FP8
+    weights in `block`s, activations quantized dynamically (nothing stored)."""
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {
+                    "num_bits": 8,
+                    "type": "float",
+                    "strategy": "block",
+                    "block_structure": list(block),
+                    "symmetric": True,
+                    "dynamic": False,
+                },
+                "input_activations": {
+                    "num_bits": 8,
+                    "type": "float",
+                    "strategy": "group",
+                    "group_size": block[1],
+                    "symmetric": True,
+                    "dynamic": True,
+                },
+            }
+        },
+        "ignore": ["model.embed_tokens", "re:.*kv_a_proj_with_mqa$", "re:.*q_a_proj$", "lm_head"],
+    }
+
+
 # A tiny vision encoder's params.json section and tensors, under the real prefixes: what a
 # multimodal folder keeps beside the text decoder (carried, never modelled).
 TINY_VISION_ENCODER = {
@@ -214,4 +268,6 @@ def write_tiny_checkpoint(
 
 
 def _keeps_dtype(name: str, tensor: torch.Tensor) -> bool:
-    return tensor.dtype == torch.float8_e4m3fn or name.endswith(("qscale_weight", "qscale_act"))
+    return tensor.dtype == torch.float8_e4m3fn or name.endswith(
+        ("qscale_weight", "qscale_act", "weight_scale")
+    )

@@ -80,12 +80,13 @@ WHY_CARRIED = (
 )
 WHY_UNUSED = "FP8 attention fake-quantizer scales: copied byte for byte, unused by these models"
 HOW_DEQUANTIZED = (
-    "float32(fp8) × float32(qscale_weight) (a per-row scale multiplies its row), rounded once "
-    "to the target dtype"
+    "float32(fp8) × float32(qscale_weight) (a per-row scale multiplies its row; a block "
+    "weight_scale its block), rounded once to the target dtype"
 )
 # params.json keys the HF export cannot carry, and why.
 NOT_EXPORTED = {
     "quantization": "the FP8 weights are dequantized",
+    "quantization_config": "the FP8 weights are dequantized",
     "vision_encoder": "the text model only",
     "multimodal": "the text model only",
     "max_seq_len": "a runtime length; transformers has no such key",
@@ -292,7 +293,7 @@ def _plan(checkpoint: Source, layout: str, target: str | None, text_only: bool) 
     scales = {*roles.weight_scales, *roles.activation_scales, *roles.unused}
     # The HF export is always dequantized (transformers' Ministral3 has no FP8 of this form).
     dequantize = (layout == "hf" or target is not None) and (
-        args.quantization is not None or bool(scales)
+        args.quantization is not None or args.quantization_config is not None or bool(scales)
     )
     drop_vision = layout == "hf" or text_only
     vision_why = WHY_HF_TEXT if layout == "hf" else WHY_TEXT_ONLY
@@ -340,11 +341,12 @@ def _plan(checkpoint: Source, layout: str, target: str | None, text_only: bool) 
     if drop_vision:
         out_args = out_args.text_only()
     if dequantize:
-        out_args = dataclasses.replace(out_args, quantization=None)
+        out_args = dataclasses.replace(out_args, quantization=None, quantization_config=None)
     removed = tuple(
         key
         for key, gone in (
             ("quantization", dequantize),
+            ("quantization_config", dequantize),
             ("vision_encoder", drop_vision),
             ("multimodal", drop_vision),
         )
@@ -439,7 +441,9 @@ def _write_folder(
     return files, len(shards)
 
 
-def _read_scales(checkpoint: Source, plan: _Plan, fds: dict[Path, int]) -> dict[str, np.ndarray]:
+def _read_scales(
+    checkpoint: Source, plan: _Plan, fds: dict[Path, int]
+) -> dict[str, fp8.WeightScale]:
     """Every scale the run uses (to dequantize) or copies, read and checked finite; returns
     those used, as float32. CheckpointError naming the first one that is not finite."""
     roles = checkpoint.roles
@@ -458,7 +462,7 @@ def _read_scales(checkpoint: Source, plan: _Plan, fds: dict[Path, int]) -> dict[
             raise CheckpointError(record.path, str(err)) from None
         values = fp8.checked_scale(values, record, roles.weight_scales.get(name))
         if name in used:
-            scales[name] = values
+            scales[name] = fp8.WeightScale(values, checkpoint.args.fp8_block)
     return scales
 
 
@@ -486,7 +490,7 @@ def _write_shard(
     path: Path,
     planned: list[_Planned],
     fds: dict[Path, int],
-    scales: dict[str, np.ndarray],
+    scales: dict[str, fp8.WeightScale],
     progress: Progress,
 ) -> dict:
     writer = HashingWriter(path, progress)
@@ -521,13 +525,12 @@ def _write_shard(
 
 
 def _write_dequantized(
-    writer: HashingWriter, fd: int, planned: _Planned, scale: np.ndarray
+    writer: HashingWriter, fd: int, planned: _Planned, scale: fp8.WeightScale
 ) -> None:
     """Dequantize an FP8 weight a few rows at a time (never the whole tensor in memory); each
     chunk is hashed on the second thread while the next is made."""
     record = planned.record
     rows, cols = record.shape
-    scale = fp8.row_scale(scale, rows)
     out_dtype = NUMPY_DTYPES[planned.out_dtype]
     # Rows per step: ≤ 16 MiB of output, of which the writer holds at most IN_FLIGHT + 1.
     step = max(1, CHUNK_BYTES // max(cols * out_dtype.itemsize, 1))
@@ -540,8 +543,7 @@ def _write_dequantized(
         part = fp8.first_nan(chunk)
         if part is not None:
             raise fp8.nan_error(record, first * cols + part)
-        rows_scale = scale[first : first + n] if scale.shape[0] > 1 else scale
-        fp8.dequantize_into(chunk, rows_scale, out, record)
+        fp8.dequantize_into(chunk, scale.rows(first, n, record.shape), out, record)
         writer.write_owned(memoryview(out.reshape(-1).view(np.uint8)))
 
 

@@ -1,9 +1,12 @@
-"""FP8 weights of the mistral format (`quantization: {qformat_weight: fp8_e4m3}`): checking
-their bytes and scales, and dequantizing them, in numpy (a conversion never imports torch).
+"""FP8 weights of the mistral format (`quantization: {qformat_weight: fp8_e4m3}`) and of
+compressed-tensors block FP8 (`quantization_config`, Large 3): checking their bytes and scales,
+and dequantizing them, in numpy (a conversion never imports torch).
 
 A quantized linear stores `X.weight` as float8_e4m3fn and `X.qscale_weight` (0-d, [1], or one
-per output row): the real weight is float32(fp8) × float32(scale), rounded once to the target
-dtype (HF's loader `Fp8Dequantize` and the torch reference do the same; notes §5, §12.6).
+per output row), or `X.weight_scale` with one scale per block (128×128 rows × columns in the
+release, the last blocks partial): the real weight is float32(fp8) × float32(its scale),
+rounded once to the target dtype (HF's loader `Fp8Dequantize` and the torch reference do the
+same).
 
 e4m3fn has no infinities and two NaN encodings, 0x7F and 0xFF: a byte b is NaN exactly when
 `b & 0x7F == 0x7F`. The check runs over blocks small enough to stay in cache (8 GB/s on this
@@ -16,6 +19,8 @@ become subnormal float32s with the same digits); × 2¹²⁰ is then exact too (
 256-entry table). Where the thread treats subnormal float32s as zero (DAZ, set by some native
 libraries), that would lose FP8's subnormals: the table is used instead.
 """
+
+import dataclasses
 
 import ml_dtypes
 import numpy as np
@@ -89,18 +94,35 @@ def checked_scale(values: np.ndarray, record: TensorRecord, weight: str | None) 
     return values
 
 
-def row_scale(scale: np.ndarray, rows: int) -> np.ndarray:
-    """A weight scale shaped to broadcast over its weight's rows: (rows, 1) or (1, 1)."""
-    return scale.reshape(rows if scale.size == rows and scale.ndim == 1 else 1, 1)
+@dataclasses.dataclass(frozen=True)
+class WeightScale:
+    """A weight's scales as float32: per tensor (0-d or [1]), per row ([rows]), or per block
+    ([row blocks, column blocks], each covering `block` rows × columns)."""
+
+    values: np.ndarray
+    block: tuple[int, int] | None = None
+
+    def rows(self, first: int, n: int, shape: tuple[int, int]) -> np.ndarray:
+        """The scales of rows first … first+n−1, shaped to broadcast over them: (n, 1) or
+        (1, 1), or (n, columns) for blocks (only those rows expanded)."""
+        if self.block is None:
+            rows = shape[0] if self.values.size == shape[0] and self.values.ndim == 1 else 1
+            by_row = self.values.reshape(rows, 1)
+            return by_row[first : first + n] if rows > 1 else by_row
+        (row_block, col_block), last = self.block, first + n - 1
+        grid = self.values[first // row_block : last // row_block + 1]
+        offset = first - (first // row_block) * row_block
+        by_row = np.repeat(grid, row_block, axis=0)[offset : offset + n]
+        return np.repeat(by_row, col_block, axis=1)[:, : shape[1]]
 
 
 def dequantize_into(
     raw: np.ndarray, scale: np.ndarray, out: np.ndarray, record: TensorRecord
 ) -> None:
     """`out[...] = float32(fp8) × float32(scale)` cast to `out`'s dtype, for `raw` the FP8
-    bytes (uint8, rows × cols, checked for NaN by the caller) of `record` and `scale` (rows, 1)
-    or (1, 1) of those rows. CheckpointError naming the tensor on a product the target cannot
-    hold."""
+    bytes (uint8, rows × cols, checked for NaN by the caller) of `record` and `scale` those
+    rows' scales (`WeightScale.rows`). CheckpointError naming the tensor on a product the
+    target cannot hold."""
     rows, cols = raw.shape
     target = next(k for k, v in NUMPY_DTYPES.items() if v == out.dtype)
     may_overflow = FP8_MAX * float(np.abs(scale).max(initial=0.0)) >= _FINITE_MAX[target]
@@ -134,12 +156,12 @@ def dequantize_into(
             )
 
 
-def dequantize(raw: np.ndarray, scale: np.ndarray, record: TensorRecord) -> np.ndarray:
+def dequantize(raw: np.ndarray, scale: WeightScale, record: TensorRecord) -> np.ndarray:
     """The float32 real weight of FP8 bytes `raw` (rows × cols) and their scale;
     CheckpointError naming the tensor on a NaN byte."""
     bad = first_nan(raw)
     if bad is not None:
         raise nan_error(record, bad)
     out = np.empty(raw.shape, np.float32)
-    dequantize_into(raw, row_scale(scale, raw.shape[0]), out, record)
+    dequantize_into(raw, scale.rows(0, raw.shape[0], raw.shape), out, record)
     return out

@@ -30,20 +30,25 @@ from model_jax.sharding import sharded_array
 from model_jax.structure import LeafSpec, leaf_specs
 
 
-def skeleton(args: ModelArgs, dtype, fp8: dict[str, int] | None = None) -> Transformer:
+def skeleton(args: ModelArgs, dtype, fp8: dict[str, tuple[int, ...]] | None = None) -> Transformer:
     """The model with every parameter a `jax.ShapeDtypeStruct`: shapes only, no memory.
     `fp8`: the linear weights stored in FP8 (checkpoint name, `{layers}` for the layer
-    number → scales per tensor: 1, or one per row), each given its `qscale_weight`."""
+    number → the shape of each tensor's scales: (1,), (rows,), or block FP8's grid of
+    blocks), each given its `qscale_weight` (block FP8: its `weight_scale`)."""
     shapes = eqx.filter_eval_shape(Transformer.zeros, args, jax_dtype(dtype))
+    block = args.fp8_block
     for spec in leaf_specs(shapes):
         if spec.name in (fp8 or {}):
             shape = _leaf(shapes, spec.path).shape
-            scales = (*shape[: len(spec.stacks)], fp8[spec.name])
-            quantized = eqx.filter_eval_shape(
-                lambda s=shape, c=scales: Linear(
-                    jnp.zeros(s, jnp.float8_e4m3fn), jnp.ones(c, jnp.float32)
-                )
-            )
+            scales = (*shape[: len(spec.stacks)], *fp8[spec.name])
+
+            def quantized_linear(s=shape, c=scales) -> Linear:
+                weight, scale = jnp.zeros(s, jnp.float8_e4m3fn), jnp.ones(c, jnp.float32)
+                if block is None:
+                    return Linear(weight, scale)
+                return Linear(weight, weight_scale=scale, block=block)
+
+            quantized = eqx.filter_eval_shape(quantized_linear)
             shapes = eqx.tree_at(lambda m, p=spec.path[:-1]: _leaf(m, p), shapes, quantized)
     return shapes
 
@@ -68,20 +73,18 @@ def _leaf(tree, path):
     return tree
 
 
-def fp8_weights(checkpoint: CheckpointFolder) -> dict[str, int]:
+def fp8_weights(checkpoint: CheckpointFolder) -> dict[str, tuple[int, ...]]:
     """The FP8 linear weights of a folder, by name with `{layers}` (`{experts}`) for the
-    numbers, and how many scales each has; CheckpointError where layers disagree (the blocks
-    are stacked: every layer must store a linear alike)."""
+    numbers, and the shape of each one's scales in the model ((1,) for one scale);
+    CheckpointError where layers disagree (the blocks are stacked: every layer must store a
+    linear alike)."""
     quantized = {w: s for s, w in checkpoint.roles.weight_scales.items()}
     by_template: dict[str, list[str]] = {}
     for name in tensor_spec(checkpoint.args):
         by_template.setdefault(_template(name), []).append(name)
     fp8 = {}
     for template, names in by_template.items():
-        sizes = {
-            math.prod(checkpoint.tensors[quantized[n]].shape) if n in quantized else None
-            for n in names
-        }
+        sizes = {_scale_shape(checkpoint, quantized.get(n)) for n in names}
         if len(sizes) > 1:
             raise CheckpointError(
                 checkpoint.path,
@@ -89,9 +92,18 @@ def fp8_weights(checkpoint: CheckpointFolder) -> dict[str, int]:
                 "and not in others, or with scales of different shapes (the JAX model stacks "
                 "its layers alike)",
             )
-        if (size := sizes.pop()) is not None:
-            fp8[template] = size or 1  # a 0-d scale is one scale
+        if (shape := sizes.pop()) is not None:
+            fp8[template] = shape
     return fp8
+
+
+def _scale_shape(checkpoint: CheckpointFolder, scale: str | None) -> tuple[int, ...] | None:
+    """A weight scale's shape in the model: block FP8's grid as stored, else one number per
+    row or (1,) for a tensor's single scale (stored 0-d or [1]); None without a scale."""
+    if scale is None:
+        return None
+    shape = tuple(checkpoint.tensors[scale].shape)
+    return shape if checkpoint.args.fp8_block else (math.prod(shape),)
 
 
 def _template(name: str) -> str:

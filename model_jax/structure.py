@@ -83,6 +83,8 @@ def _spec(model, path) -> LeafSpec:
             axes = field.metadata["sharded"]
         if "rows_of" in field.metadata and axes is not None:  # one value per row (or one)
             axes = axes[:1]
+        if "blocks_of" in field.metadata and axes is not None:  # block scales: replicated
+            axes = (None,) * len(axes)
         owner = getattr(owner, key.name)
     if axes is None:
         raise ValueError(f"no placement declared for {'.'.join(name)}")

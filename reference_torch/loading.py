@@ -128,10 +128,17 @@ def all_finite(tensor: torch.Tensor) -> bool:
     return int(exponents.max()) < mask
 
 
-def dequantize(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def dequantize(
+    weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None = None
+) -> torch.Tensor:
     """An FP8 weight's real values: fp8 × scale, the product in float32 (HF's loader does the
-    same; the JAX model too, inside its matmul). A per-row scale scales its row."""
-    return weight.float() * scale.float().reshape(-1, 1)
+    same; the JAX model too, inside its matmul). A per-row scale scales its row; with `block`
+    (rows × columns), scale[i, j] scales the weight's block (i, j), the last ones partial."""
+    if block is None:
+        return weight.float() * scale.float().reshape(-1, 1)
+    rows, cols = weight.shape
+    expanded = scale.float().repeat_interleave(block[0], 0)[:rows]
+    return weight.float() * expanded.repeat_interleave(block[1], 1)[:, :cols]
 
 
 class ReferenceLoader:
@@ -189,7 +196,8 @@ class ReferenceLoader:
             for name in names:
                 tensor = tensors[name]
                 if name in self._scales:
-                    tensor = dequantize(tensor, tensors[self._scales[name]])
+                    scale = tensors[self._scales[name]]
+                    tensor = dequantize(tensor, scale, self.args.fp8_block)
                 if name not in self._finite:
                     if not all_finite(tensor):
                         path = self._tensors.files[name]

@@ -574,7 +574,8 @@ def test_fp8_decoding_is_exact_for_every_byte(monkeypatch, by_bits):
     values = raw.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
     finite = (raw & 0x7F) != 0x7F
     assert finite.sum() == 254
-    ours = fp8.dequantize(raw[finite].reshape(2, 127), np.float32(1.0), _record((2, 127)))
+    one = fp8.WeightScale(np.float32(1.0))
+    ours = fp8.dequantize(raw[finite].reshape(2, 127), one, _record((2, 127)))
     assert ours.tobytes() == values[finite].tobytes()  # bit for bit, ±0 and subnormals too
     assert fp8.first_nan(raw) == 0x7F
     assert fp8.first_nan(np.array([0xFF, 0], np.uint8)) == 0
@@ -596,7 +597,8 @@ def test_dequantize_matches_torch_per_tensor_and_per_row(scale_shape):
     expected = (weight.float() * scale.float().reshape(-1, 1)).to(torch.bfloat16)
     raw = weight.view(torch.uint8).numpy()
     out = np.empty(raw.shape, ml_dtypes.bfloat16)
-    fp8.dequantize_into(raw, fp8.row_scale(scale.numpy(), 300), out, _record((300, 1000)))
+    rows = fp8.WeightScale(scale.numpy()).rows(0, 300, (300, 1000))
+    fp8.dequantize_into(raw, rows, out, _record((300, 1000)))
     assert out.view(np.uint16).tobytes() == expected.view(torch.int16).numpy().tobytes()
 
 
