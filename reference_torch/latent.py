@@ -21,13 +21,15 @@ from reference_torch.precision import at_least_fp32
 from reference_torch.rope import apply_rotary_emb, llama_4_scaled
 
 
-def softmax_factor(args: ModelArgs) -> float:
+def softmax_factor(args: ModelArgs, hf_reading: bool = False) -> float:
     """What the scores' scale is multiplied by: YaRN's magnitude squared if `apply_scale`.
     With `apply_scale: false` (both MLA releases) 1, as vLLM and SGLang read it; HF
     transformers' `Mistral4` multiplies by the magnitude squared whenever `mscale_all_dim` is
-    set (docs/formats.md)."""
+    set, as its configs have it (`hf_reading`: that reading, which verify shows, never uses;
+    docs/formats.md)."""
     yarn = args.yarn
-    return yarn.magnitude**2 if yarn is not None and yarn.apply_scale else 1.0
+    applied = yarn is not None and (yarn.apply_scale or hf_reading)
+    return yarn.magnitude**2 if applied else 1.0
 
 
 class LatentAttention(nn.Module):

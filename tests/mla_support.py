@@ -50,11 +50,12 @@ SMALL4 = dataclasses.replace(
 )
 
 
-def hf_mistral4(args, state) -> torch.nn.Module:
-    """`Mistral4ForCausalLM` from the same numbers (fp32); the softmax scale left without
-    YaRN's magnitude (`mscale_all_dim` 0), as this toolkit reads `apply_scale: false`."""
+def hf_mistral4(args, state, mscale_all_dim: float = 0.0) -> torch.nn.Module:
+    """`Mistral4ForCausalLM` from the same numbers (fp32); by default the softmax scale left
+    without YaRN's magnitude (`mscale_all_dim` 0), as this toolkit reads `apply_scale: false`
+    (1: HF's own reading, × magnitude²)."""
     moe = args.moe
-    rope = hf_rope_parameters(args, mscale=1.0, mscale_all_dim=0.0, attention_factor=1.0)
+    rope = hf_rope_parameters(args, mscale=1.0, mscale_all_dim=mscale_all_dim, attention_factor=1.0)
     scaling = args.llama_4_scaling
     rope["llama_4_scaling_beta"] = scaling.beta if scaling else 0.0
     if scaling:

@@ -4,6 +4,7 @@ HF transformers' `Mistral4ForCausalLM` past the original context; sparse experts
 cache in generation; verify passes them and fails, in the right block and piece, the faults
 such ports have; full-size specs with their published parameter counts."""
 
+import dataclasses
 import math
 
 import equinox as eqx
@@ -14,6 +15,7 @@ import pytest
 import torch
 from mla_support import LARGE3, ORIGINAL, SMALL4, hf_mistral4
 from safetensors.torch import load_file, save_file
+from support import relative_error, tiny_args
 
 import model_jax
 import model_jax.latent as jax_latent
@@ -27,7 +29,10 @@ from checkpoint.spec import tensor_spec
 from checkpoint.tiny import random_state_dict, write_tiny_checkpoint
 from convert.convert import convert_checkpoint
 from model_jax.cache import KVCache
+from verify.readings import hf_reading_logits, other_reading_applies
+from verify.report import markdown
 from verify.run import run_verification
+from verify.runners import TorchRunner
 
 CONFIGS = {"large3": LARGE3, "small4": SMALL4}
 PROMPT = (
@@ -141,6 +146,43 @@ def test_verify_with_the_hf_peer_passes_clean(folders):
     blocks = [e for e in report.layers if e.peer_fp32_error is not None]
     assert len(blocks) == LARGE3.n_layers - 1  # the peer's last block output comes normed
     assert all(e.peer_fp32_error <= 1e-5 for e in blocks)
+
+
+def test_the_other_reading_is_shown_only_where_the_readings_differ():
+    """Latent attention with YaRN (factor > 1) and apply_scale false; not with apply_scale
+    true, without YaRN, or for grouped-query attention."""
+    apply_scale = dataclasses.replace(LARGE3.yarn, apply_scale=True)
+    assert other_reading_applies(LARGE3) and other_reading_applies(SMALL4)
+    assert not other_reading_applies(dataclasses.replace(LARGE3, yarn=apply_scale))
+    assert not other_reading_applies(dataclasses.replace(LARGE3, yarn=None))
+    dense = tiny_args(yarn=LARGE3.yarn, max_position_embeddings=LARGE3.max_position_embeddings)
+    assert not dense.latent and not other_reading_applies(dense)
+
+
+@pytest.mark.slow
+def test_the_other_reading_is_hf_mistral4s_with_its_own_mscale_all_dim(folders):
+    """The reference under HF's reading equals transformers' Mistral4 with mscale_all_dim 1
+    (its configs' value), and differs from ours past the original context."""
+    source, _ = folders["large3"]
+    tokens = np.random.default_rng(4).integers(0, 5000, 3 * ORIGINAL).tolist()
+    (moved,) = hf_reading_logits(TorchRunner(source, "cpu"), [tokens], [0])
+    state = load_file(source / "consolidated.safetensors")
+    with torch.no_grad():
+        theirs = hf_mistral4(LARGE3, state, mscale_all_dim=1.0)(torch.tensor([tokens]))
+        ours = hf_mistral4(LARGE3, state)(torch.tensor([tokens]))
+    assert relative_error(moved, theirs.logits[0].numpy()) < 1e-5
+    assert relative_error(moved, ours.logits[0].numpy()) > 1e-3
+
+
+@pytest.mark.slow
+def test_verify_reports_the_other_readings_effect_without_judging_it(folders):
+    source, out = folders["large3"]
+    report = run_verification(source, out, prompts=[PROMPT], stream_layers=True)
+    other = report.logits.other_reading
+    assert report.verdict == "pass", report.reasons
+    assert other.softmax_factor == pytest.approx((0.1 * math.log(8.0) + 1) ** 2)
+    assert other.error > 0 and other.ratio > 0 and other.noise_dtype == "bfloat16"
+    assert "Other reading (not judged)" in markdown(report)
 
 
 def rope_on_the_nope_part(patch):

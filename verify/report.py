@@ -282,6 +282,16 @@ def _logits_section(r: Report) -> list[str]:
             f"÷ reference's own {_g(lg.peer.bf16_ratio)}; fp32 error {_g(lg.peer.fp32_error)}.",
             "",
         ]
+    if lg.other_reading is not None:
+        o = lg.other_reading
+        lines += [
+            f"Other reading (not judged): with HF transformers' Mistral4 softmax scale (× "
+            f"{o.softmax_factor:.4g}, YaRN's magnitude² despite apply_scale false; this "
+            f"toolkit and vLLM keep the base scale) the reference's fp32 logits move by "
+            f"{_g(o.error)}, {_g(o.ratio)}× its own {o.noise_dtype} error ({_g(o.noise)}); the "
+            f"top-1 token changes at {o.top1_changed} of {o.positions} positions.",
+            "",
+        ]
     return lines
 
 

@@ -64,6 +64,20 @@ class PeerLogits:
 
 
 @dataclasses.dataclass(frozen=True)
+class OtherReading:
+    """The reference's fp32 logits under HF transformers' reading of YaRN's softmax scale
+    (latent attention, `apply_scale: false`), against its own: informational, not judged."""
+
+    softmax_factor: float  # what HF's reading multiplies the softmax scale by (magnitude²)
+    error: float  # RMS scaled error of the moved logits against the reference's fp32 ones
+    noise: float  # the reference's own error in the verified dtype, the same measure
+    noise_dtype: str
+    ratio: float  # error ÷ noise
+    top1_changed: int  # positions whose top-1 token changes
+    positions: int
+
+
+@dataclasses.dataclass(frozen=True)
 class LogitResult:
     metrics: LogitMetrics  # port vs reference in the verified dtype
     floor: float | None
@@ -73,6 +87,7 @@ class LogitResult:
     nonfinite: int
     peer: PeerLogits | None
     failures: tuple[str, ...]
+    other_reading: OtherReading | None = None  # latent attention, YaRN, apply_scale false
 
 
 @dataclasses.dataclass(frozen=True)

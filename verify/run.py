@@ -23,6 +23,7 @@ from checkpoint.tokenizer import Tokenizer
 from convert.check import check_converted
 from convert.manifest import sha256_file
 from model_jax.generate import check_positions
+from reference_torch.latent import softmax_factor
 from verify.drift import Drift, drift, free_sums, whole_model_states
 from verify.gates import (
     Thresholds,
@@ -42,6 +43,7 @@ from verify.generation import (
 from verify.metrics import logit_metrics
 from verify.peer import hf_peer, peer_outputs
 from verify.prompts import Prompt, builtin_prompts, position_probes, text_prompt
+from verify.readings import hf_reading_logits, other_reading, other_reading_applies
 from verify.results import (
     Checksums,
     Environment,
@@ -183,13 +185,17 @@ def run_verification(
                 lambda i: step(f"teacher-forced: block {i + 1}/{n}"),
                 starts,
             )
+            moved = None
+            if other_reading_applies(ref.args):
+                step("the other reading of YaRN's softmax scale (HF's): reference fp32")
+                moved = hf_reading_logits(ref, token_prompts, starts)
             if generation is not None:
                 step("generation: the reference's own agreement")
                 generated = [t for t, s in zip(token_prompts, starts, strict=True) if s == 0]
                 generation = _generation_baseline(generation, ref, hf, generated, dtype)
         step("checksums: waiting for the hashes")
         checksum_problems = converted_check.result()
-    return _judge(
+    report = _judge(
         result,
         prompts,
         dtype,
@@ -213,6 +219,12 @@ def run_verification(
             "seconds": time.perf_counter() - start,
         },
     )
+    if moved is None:
+        return report
+    reading = other_reading(ref.args, moved, result.logits, dtype)
+    return dataclasses.replace(
+        report, logits=dataclasses.replace(report.logits, other_reading=reading)
+    )
 
 
 def model_notes(args: ModelArgs, roles: Roles, dtype: str) -> list[str]:
@@ -226,9 +238,14 @@ def model_notes(args: ModelArgs, roles: Roles, dtype: str) -> list[str]:
         )
     if args.yarn is not None:
         y = args.yarn
+        magnitude = (
+            f"softmax scale × {softmax_factor(args):.4g} (latent attention)"
+            if args.latent
+            else f"cos and sin × {y.attention_factor:.4g}"
+        )
         notes.append(
             f"YaRN: factor {y.factor:g} over {y.original_max_position_embeddings} positions, "
-            f"beta {y.beta:g} / alpha {y.alpha:g}; cos and sin × {y.attention_factor:.4g} "
+            f"beta {y.beta:g} / alpha {y.alpha:g}; {magnitude} "
             f"(apply_scale {str(y.apply_scale).lower()})"
         )
     if args.llama_4_scaling is not None:
