@@ -18,6 +18,13 @@ consolidated.safetensors, written tensor by tensor in bounded memory. Each repea
 (to measure it), and `mistral-convert --dtype bfloat16` (FP8 dequantized).
 
     python benchmarks/convert_bench.py --fp8-layer --repeat 3 --json fp8.json
+
+`--fp8-layer large-3` does the same for Mistral Large 3's format: one full-width MoE layer
+(dim 7168, latent attention, 128 routed experts of width 4096 + a shared one; 11.6 GB of FP8)
+with compressed-tensors block FP8 (`weight_scale` per 128×128 block, bf16; `wq_a`,
+`wkv_a_with_mqa`, the router, embeddings and head unquantized, as the release ships).
+
+    python benchmarks/convert_bench.py --fp8-layer large-3 --repeat 1 --json large3.json
 """
 
 import argparse
@@ -41,9 +48,9 @@ from tabulate import tabulate
 from checkpoint.args import ModelArgs
 from checkpoint.folder import SAFETENSORS_NAME
 from checkpoint.presets import preset
-from checkpoint.sections import Llama4ScalingArgs, QuantizationArgs, YarnArgs
-from checkpoint.spec import tensor_spec
-from checkpoint.tiny import copy_tokenizer, init_distribution
+from checkpoint.sections import BlockFP8Args, Llama4ScalingArgs, QuantizationArgs, YarnArgs
+from checkpoint.spec import block_grid, tensor_spec
+from checkpoint.tiny import block_fp8_config, copy_tokenizer, init_distribution
 from convert.safetensors_header import header_bytes
 
 BIN = Path(sys.executable).parent
@@ -64,6 +71,17 @@ MINISTRAL_3_14B = ModelArgs(
     llama_4_scaling=Llama4ScalingArgs(16384, 0.1),
     quantization=QuantizationArgs("fp8_e4m3", "TENSOR"),
 )
+_LARGE_3 = preset("large-3-675b", n_layers=1)
+# One routed layer of Large 3 (the release's first 3 are dense), block FP8 as it ships.
+LARGE_3_LAYER = dataclasses.replace(
+    _LARGE_3,
+    moe=dataclasses.replace(_LARGE_3.moe, first_k_dense_replace=0),
+    quantization_config=BlockFP8Args(**block_fp8_config((128, 128))),
+)
+FP8_LAYERS = {"ministral-3-14b": MINISTRAL_3_14B, "large-3": LARGE_3_LAYER}
+# Linears a block-FP8 release leaves unquantized (Large 3: the latent projections' first
+# halves, fused in serving, and the router).
+BLOCK_FP8_UNQUANTIZED = ("wq_a", "wkv_a_with_mqa", ".gate.")
 FP8_BLOCK = 16 * 2**20  # random values reused across tensors (bounded memory)
 # A keep-mode conversion with the per-byte FP8 NaN check turned off, to measure what it costs.
 NO_NAN_CHECK = (
@@ -73,24 +91,31 @@ NO_NAN_CHECK = (
 
 
 def write_fp8_checkpoint(folder: Path, args: ModelArgs, seed: int = 0) -> Path:
-    """params.json, one consolidated.safetensors (linears FP8 + f32 scales [1], the rest bf16)
-    and tekken.json; tensor bytes copied from reused random blocks, never the model in memory."""
+    """params.json, one consolidated.safetensors (linears FP8 + f32 scales [1], or bf16 block
+    scales with `quantization_config`; the rest bf16) and tekken.json; tensor bytes copied from
+    reused random blocks, never the model in memory."""
     folder.mkdir(parents=True, exist_ok=True)
     args.to_json(folder / "params.json")
     rng = np.random.default_rng(seed)
     spec = tensor_spec(args)
-    linears = [n for n, s in spec.items() if n.startswith("layers.") and len(s) == 2]
+    linears = fp8_linears(args)
     entries, sources = [], {}
     for name, shape in spec.items():
         count = int(np.prod(shape))
         if name in linears:
             base = name.removesuffix(".weight")
             entries.append((name, "F8_E4M3", shape, count))
+            sources[name] = "fp8"
+            value = 4 / shape[1] ** 0.5 / 448.0
+            if args.fp8_block:
+                grid = block_grid(shape, args.fp8_block)
+                entries.append((f"{base}.weight_scale", "BF16", grid, 2 * int(np.prod(grid))))
+                scales = np.full(grid, value, np.float32).astype(ml_dtypes.bfloat16)
+                sources[f"{base}.weight_scale"] = scales.view(np.uint8)
+                continue
             entries.append((f"{base}.qscale_weight", "F32", (1,), 4))
             entries.append((f"{base}.qscale_act", "F32", (1,), 4))
-            sources[name] = "fp8"
-            std = 1.0 / shape[1] ** 0.5
-            sources[f"{base}.qscale_weight"] = np.float32([4 * std / 448.0]).view(np.uint8)
+            sources[f"{base}.qscale_weight"] = np.float32([value]).view(np.uint8)
             sources[f"{base}.qscale_act"] = np.float32([0.05]).view(np.uint8)
         else:
             entries.append((name, "BF16", shape, count * 2))
@@ -127,6 +152,17 @@ def write_fp8_checkpoint(folder: Path, args: ModelArgs, seed: int = 0) -> Path:
     return folder
 
 
+def fp8_linears(args: ModelArgs) -> list[str]:
+    """The linears a synthetic FP8 checkpoint stores in FP8: every block's, less those a
+    block-FP8 release leaves unquantized."""
+    skip = BLOCK_FP8_UNQUANTIZED if args.fp8_block else ()
+    return [
+        n
+        for n, s in tensor_spec(args).items()
+        if n.startswith("layers.") and len(s) == 2 and not any(k in n for k in skip)
+    ]
+
+
 def run(cmd: list[str], drop_caches: bool) -> dict:
     if drop_caches:
         os.sync()
@@ -151,9 +187,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument(
         "--fp8-layer",
-        action="store_true",
-        help="an FP8 Ministral-3-14B-width checkpoint (--n-layers blocks, default 1); "
-        "keep, keep without the NaN check, and --dtype bfloat16 against cp",
+        nargs="?",
+        const="ministral-3-14b",
+        choices=list(FP8_LAYERS),
+        help="an FP8 checkpoint of this width (--n-layers blocks, default 1; ministral-3-14b "
+        "when no width is given); keep, keep without the NaN check, and --dtype bfloat16 "
+        "against cp",
     )
     opts = parser.parse_args()
     if opts.fp8_layer:
@@ -255,7 +294,7 @@ def kernel_rates(rows: int = 4096, cols: int = 16384, repeat: int = 5) -> dict:
 def fp8_main(opts) -> None:
     """The FP8 benchmark: cp vs keep, keep without the NaN check, and --dtype bfloat16."""
     n_layers = opts.n_layers or 1
-    args = dataclasses.replace(MINISTRAL_3_14B, n_layers=n_layers)
+    args = dataclasses.replace(FP8_LAYERS[opts.fp8_layer], n_layers=n_layers)
     src, copy_dst, out = (opts.workdir / n for n in ("fp8-src", "cp-dst", "converted"))
     weights = src / SAFETENSORS_NAME
     if not weights.exists():
@@ -270,9 +309,7 @@ def fp8_main(opts) -> None:
             raise SystemExit("writing the synthetic FP8 checkpoint failed")
     size = weights.stat().st_size
     spec = tensor_spec(args)
-    fp8_bytes = sum(
-        int(np.prod(s)) for n, s in spec.items() if n.startswith("layers.") and len(s) == 2
-    )
+    fp8_bytes = sum(int(np.prod(spec[n])) for n in fp8_linears(args))
     modes = {
         "keep": [str(BIN / "mistral-convert"), str(src), str(out)],
         "keep_no_nan_check": [sys.executable, "-c", NO_NAN_CHECK, str(src), str(out)],
@@ -340,7 +377,7 @@ def fp8_main(opts) -> None:
         opts.json.write_text(
             json.dumps(
                 {
-                    "benchmark": "fp8-layer",
+                    "benchmark": f"fp8-layer {opts.fp8_layer}",
                     "args": args.to_dict(),
                     "source_bytes": size,
                     "fp8_bytes": fp8_bytes,

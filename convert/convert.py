@@ -40,6 +40,7 @@ from checkpoint.args import ModelArgs
 from checkpoint.errors import CheckpointError, read_json, reading
 from checkpoint.folder import INDEX_NAME
 from checkpoint.hf import hf_config, interleaved_to_halves, rotary_heads, to_hf_name
+from checkpoint.hf_mistral4 import stacked_experts
 from checkpoint.spec import FP8
 from checkpoint.tensors import NUMPY_DTYPES, TensorRecord
 from checkpoint.tokenizer import Tokenizer
@@ -276,10 +277,36 @@ class _Planned:
         count = self.record.nbytes // NUMPY_DTYPES[self.record.dtype].itemsize
         return count * NUMPY_DTYPES[self.out_dtype].itemsize
 
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.record.shape
+
+    @property
+    def parts(self) -> tuple["_Planned", ...]:
+        return (self,)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stacked:
+    """One output tensor written as planned tensors back to back (HF Mistral4's stacked
+    experts): one part's chunk in memory at a time, never the whole tensor."""
+
+    name: str
+    shape: tuple[int, ...]
+    parts: tuple[_Planned, ...]
+
+    @property
+    def out_dtype(self) -> str:
+        return self.parts[0].out_dtype
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.nbytes for p in self.parts)
+
 
 @dataclasses.dataclass(frozen=True)
 class _Plan:
-    tensors: list[_Planned]  # what OUT holds, in order
+    tensors: list[_Planned | _Stacked]  # what OUT holds, in order
     args: ModelArgs  # the model OUT describes (without what was left out)
     params_removed: tuple[str, ...]  # top-level params.json keys left out
     contents: dict  # the manifest's account of it
@@ -337,6 +364,8 @@ def _plan(checkpoint: Source, layout: str, target: str | None, text_only: bool) 
         else:
             planned.append(_Planned(name, record, out_dtype, fix, scale))
 
+    if layout == "hf":
+        planned = _stack_experts(planned, args)
     out_args = args
     if drop_vision:
         out_args = out_args.text_only()
@@ -375,6 +404,23 @@ def _plan(checkpoint: Source, layout: str, target: str | None, text_only: bool) 
     return _Plan(planned, out_args, removed, contents)
 
 
+def _stack_experts(planned: list[_Planned], args: ModelArgs) -> list[_Planned | _Stacked]:
+    """The expert tensors replaced by HF Mistral4's stacked ones, each where its first part
+    was (`checkpoint.hf_mistral4.stacked_experts`)."""
+    stacked = stacked_experts(args)
+    by_source = {p.record.name: p for p in planned}
+    first_part = {parts[0]: (name, shape, parts) for name, (shape, parts) in stacked.items()}
+    in_stack = {part for _, parts in stacked.values() for part in parts}
+    out: list[_Planned | _Stacked] = []
+    for p in planned:
+        if p.record.name in first_part:
+            name, shape, parts = first_part[p.record.name]
+            out.append(_Stacked(name, shape, tuple(by_source[n] for n in parts)))
+        elif p.record.name not in in_stack:
+            out.append(p)
+    return out
+
+
 def _params_account(checkpoint: Source, layout: str, removed: tuple[str, ...]) -> dict:
     if layout == "hf":
         gone = {k: why for k, why in NOT_EXPORTED.items() if getattr(checkpoint.args, k)}
@@ -389,7 +435,7 @@ def _params_account(checkpoint: Source, layout: str, removed: tuple[str, ...]) -
     return {"written": "params.json of the source, copied as is"}
 
 
-def _torch_dtype(planned: list[_Planned]) -> str:
+def _torch_dtype(planned: list[_Planned | _Stacked]) -> str:
     dtypes = {p.out_dtype for p in planned}
     return {"BF16": "bfloat16", "F16": "float16", "F32": "float32"}.get(
         dtypes.pop() if len(dtypes) == 1 else "", "float32"
@@ -447,7 +493,7 @@ def _read_scales(
     """Every scale the run uses (to dequantize) or copies, read and checked finite; returns
     those used, as float32. CheckpointError naming the first one that is not finite."""
     roles = checkpoint.roles
-    used = {p.scale for p in plan.tensors if p.scale}
+    used = {part.scale for p in plan.tensors for part in p.parts if part.scale}
     copied = {p.name for p in plan.tensors} & {
         *roles.weight_scales,
         *roles.activation_scales,
@@ -488,40 +534,47 @@ def _write_small_files(
 
 def _write_shard(
     path: Path,
-    planned: list[_Planned],
+    planned: list[_Planned | _Stacked],
     fds: dict[Path, int],
     scales: dict[str, fp8.WeightScale],
     progress: Progress,
 ) -> dict:
     writer = HashingWriter(path, progress)
     try:
-        entries = [(p.name, p.out_dtype, p.record.shape, p.nbytes) for p in planned]
+        entries = [(p.name, p.out_dtype, p.shape, p.nbytes) for p in planned]
         writer.write(header_bytes(entries, {"format": "pt"}))
-        for p in planned:
-            record, fd = p.record, fds[p.record.path]
+        for part in (part for p in planned for part in p.parts):
             try:
-                if p.scale is not None and p.transform is None:
-                    _write_dequantized(writer, fd, p, scales[p.scale])
-                elif p.transform is not None or p.scale is not None:
-                    array = _read(fd, record)
-                    if p.scale is not None:
-                        array = fp8.dequantize(array.view(np.uint8), scales[p.scale], record)
-                    if p.transform is not None:
-                        array = p.transform(array)
-                    array = _cast(array, record, p.out_dtype)
-                    writer.write(np.ascontiguousarray(array).tobytes())
-                elif p.out_dtype == record.dtype:
-                    check = record.dtype == FP8 and CHECK_FP8_BYTES
-                    inspect = fp8.nan_inspector(record) if check else None
-                    writer.copy_from(fd, record.offset, record.nbytes, inspect)
-                else:
-                    _write_cast(writer, fd, record, p.out_dtype)
+                _write_tensor(writer, part, fds[part.record.path], scales)
             except SourceEnded as err:
-                raise CheckpointError(record.path, str(err)) from None
+                raise CheckpointError(part.record.path, str(err)) from None
     except BaseException:
         writer.abort()
         raise
     return {"sha256": writer.close(), "bytes": writer.size}
+
+
+def _write_tensor(
+    writer: HashingWriter, p: _Planned, fd: int, scales: dict[str, fp8.WeightScale]
+) -> None:
+    """One source tensor as planned: copied, cast, dequantized and/or transformed."""
+    record = p.record
+    if p.scale is not None and p.transform is None:
+        _write_dequantized(writer, fd, p, scales[p.scale])
+    elif p.transform is not None or p.scale is not None:
+        array = _read(fd, record)
+        if p.scale is not None:
+            array = fp8.dequantize(array.view(np.uint8), scales[p.scale], record)
+        if p.transform is not None:
+            array = p.transform(array)
+        array = _cast(array, record, p.out_dtype)
+        writer.write(np.ascontiguousarray(array).tobytes())
+    elif p.out_dtype == record.dtype:
+        check = record.dtype == FP8 and CHECK_FP8_BYTES
+        inspect = fp8.nan_inspector(record) if check else None
+        writer.copy_from(fd, record.offset, record.nbytes, inspect)
+    else:
+        _write_cast(writer, fd, record, p.out_dtype)
 
 
 def _write_dequantized(

@@ -296,7 +296,10 @@ def test_large3_and_small4_specs_have_their_published_parameter_counts():
         ({"q_lora_rank": None}, "null q_lora_rank"),
         ({"no_rope_layers": [1, 1, 0]}, "Mistral Large 4"),
         ({"index_topk": 2048}, "sparse-attention indexer"),
-        ({"quantization_config": {"quant_method": "compressed-tensors"}}, "block-FP8"),
+        (
+            {"quantization_config": {"quant_method": "awq", "config_groups": {}}},
+            "quant_method 'awq' is unsupported",
+        ),
         (
             {
                 "moe": {
