@@ -64,7 +64,7 @@ class TransformerBlock(eqx.Module):
     attention_norm: RMSNorm = sharded(None)
     ffn_norm: RMSNorm = sharded(None)
     gate: Linear | None = sharded(None, None, default=None)  # fine-grained MoE: the router
-    experts: FeedForward | None = stacked("experts", "model", default=None)  # whole, per device
+    experts: FeedForward | None = stacked("experts", "expert", default=None)  # whole per device
     shared_experts: FeedForward | None = None
     moe: MoeArgs | None = eqx.field(static=True, default=None)  # fine-grained routing
 

@@ -1,6 +1,6 @@
 """Mixtral's sparse feed-forward in Equinox — mirrors `reference_torch/moe.py`.
 
-Experts are stored stacked (a leading `experts` axis, split over the mesh's model axis: whole
+Experts are stored stacked (a leading `experts` axis, split over the mesh's expert axis: whole
 experts per device) and all evaluated with `vmap` on every token (dense: simple and exact, at
 num_experts / k times the FLOPs of a gathered implementation); each token's output is the
 softmax-weighted sum of its top-k experts, accumulated in expert order in the model dtype as the
@@ -33,7 +33,7 @@ def route(
 
 class MoeFeedForward(eqx.Module):
     gate: eqx.Module = sharded(None, None)  # Linear: dim → experts (the router, replicated)
-    experts: eqx.Module = stacked("experts", "model")  # FeedForward, stacked over experts
+    experts: eqx.Module = stacked("experts", "expert")  # FeedForward, stacked over experts
     num_experts_per_tok: int = eqx.field(static=True)
 
     def route(
@@ -113,7 +113,10 @@ def sparse_mix(
     `lax.ragged_dot`), each token's k outputs weighted and summed in expert order in x's
     dtype, as the reference accumulates them. `experts`: a FeedForward stacked over experts.
     Under `vmap` (a batch of sequences) the batch is folded into the tokens: one grouped
-    matmul for all of them (`lax.ragged_dot` has no batching rule of its own)."""
+    matmul for all of them (`lax.ragged_dot` has no batching rule of its own). On a mesh
+    whose expert axis splits `experts`, XLA partitions the grouped matmul by expert: each
+    device multiplies by its own experts only (the group sizes gathered, the outputs summed
+    over the expert axis), never gathering another device's weights."""
     return _sparse_mix(experts, x, weights, selected)
 
 

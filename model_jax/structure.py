@@ -51,11 +51,12 @@ class LeafSpec:
         return names
 
     def partition_spec(self, shape: tuple[int, ...], mesh_shape: dict[str, int]) -> PartitionSpec:
-        """The declared placement: each mesh axis splits the outermost array axis it divides
-        (experts before their hidden dimension); the other axes are replicated."""
+        """The declared placement: each mesh axis splits the outermost array axis declared on
+        it that it divides; the other axes (and those on an axis the mesh lacks) are
+        replicated."""
         used, spec = set(), []
         for axis, size in zip(self.axes, shape, strict=True):
-            split = axis is not None and axis not in used and size % mesh_shape[axis] == 0
+            split = axis in mesh_shape and axis not in used and size % mesh_shape[axis] == 0
             spec.append(axis if split else None)
             used |= {axis} if split else set()
         return PartitionSpec(*spec)

@@ -18,9 +18,9 @@ from model_jax.loading import skeleton
 from model_jax.structure import leaf_specs, sharded, stacked
 
 
-def placements(args, model_devices: int) -> dict[str, P]:
+def placements(args, model_devices: int, expert_devices: int = 1) -> dict[str, P]:
     shapes = skeleton(args, "bfloat16")
-    mesh_shape = {"data": 1, "model": model_devices}
+    mesh_shape = {"data": 1, "expert": expert_devices, "model": model_devices}
     return {
         spec.name: spec.partition_spec(leaf.shape, mesh_shape)
         for spec, leaf in zip(leaf_specs(shapes), jax.tree_util.tree_leaves(shapes), strict=True)
@@ -46,13 +46,28 @@ def test_7b_places_attention_by_heads_ffn_by_hidden_and_replicates_norms():
     assert placed["norm.weight"] == P(None)
 
 
-def test_experts_go_whole_to_devices_and_fall_back_to_hidden_when_they_do_not_divide():
+def test_experts_go_whole_over_the_expert_axis_and_split_by_hidden_over_model():
     mixtral = PRESETS["mixtral-8x7b"]
     w1 = "layers.{layers}.feed_forward.experts.{experts}.w1.weight"
-    assert placements(mixtral, 8)[w1] == P(None, "model", None, None)  # 8 experts / 8
-    assert placements(mixtral, 16)[w1] == P(None, None, "model", None)  # hidden 14336 / 16
+    assert placements(mixtral, 2, 4)[w1] == P(None, "expert", "model", None)  # 8 / 4, 14336 / 2
+    assert placements(mixtral, 8, 3)[w1] == P(None, None, "model", None)  # 8 experts % 3
     gate = "layers.{layers}.feed_forward.gate.weight"
-    assert placements(mixtral, 8)[gate] == P(None, None, None)
+    assert placements(mixtral, 2, 4)[gate] == P(None, None, None)
+
+
+def test_fine_grained_routed_experts_go_over_expert_shared_and_dense_over_model():
+    placed = placements(PRESETS["large-3-675b"], 2, 4)
+    assert placed["layers.{layers}.experts.{experts}.w2.weight"] == P(None, "expert", None, "model")
+    assert placed["layers.{layers}.shared_experts.w1.weight"] == P(None, "model", None)
+    assert placed["layers.{layers}.feed_forward.w1.weight"] == P(None, "model", None)  # dense
+
+
+def test_an_axis_the_mesh_lacks_is_replicated():
+    spec = leaf_specs(skeleton(PRESETS["mixtral-8x7b"], "bfloat16"))
+    w1 = next(s for s in spec if s.name.endswith("experts.{experts}.w1.weight"))
+    assert w1.partition_spec((32, 8, 14336, 4096), {"data": 1, "model": 8}) == P(
+        None, None, "model", None
+    )
 
 
 def test_an_axis_the_mesh_does_not_divide_is_replicated():
