@@ -10,7 +10,7 @@ Conventions of the four commands (`mistral-convert`, `mistral-verify`, `mistral-
 - `--dtype` takes names of the one vocabulary (`checkpoint.dtypes.DTYPE_NAMES`), or the subset
   a command supports, spelled the same;
 - `--max-new-tokens` is 1 to 32768, default 32, wherever tokens are generated;
-- `--mesh DATAxMODEL` wherever the JAX model is sharded;
+- `--mesh DATAxMODEL` (or `DATAxEXPERTxMODEL`) wherever the JAX model is sharded;
 - `--json` prints one JSON document on stdout instead of the human summary;
 - an option that the chosen mode would ignore is an error naming both (`refuse_unused`).
 """
@@ -111,8 +111,9 @@ def max_new_tokens_option():
 def mesh_option():
     return click.option(
         "--mesh",
-        metavar="DATAxMODEL",
-        help="Shard the JAX model over DATA×MODEL devices, e.g. 1x8 (model_jax.sharding).",
+        metavar="DATAxMODEL|DATAxEXPERTxMODEL",
+        help="Shard the JAX model over DATA×MODEL devices, e.g. 1x8, or DATA×EXPERT×MODEL, "
+        "e.g. 1x8x1 (routed experts whole per device; model_jax.sharding).",
     )
 
 

@@ -54,16 +54,8 @@ def quantized_names(state) -> list[str]:
     ]
 
 
-# A trained router is decisive; a random one scores experts near-equally, and bf16 noise then
-# re-routes a few tokens in one model's free run and not the other's, which the free-running
-# gate is not built to tell from a fault (routing itself is judged tie-aware, per piece).
-ROUTER_LOGIT_STD = 8.0
-
-
 def block_state(scale_dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
     state = random_state_dict(LARGE3, seed=3)
-    for name in [n for n in state if n.endswith(".gate.weight")]:
-        state[name] = state[name] * ROUTER_LOGIT_STD
     return quantize_fp8_blocks(state, quantized_names(state), BLOCK, scale_dtype=scale_dtype)
 
 
@@ -202,6 +194,9 @@ def kept(source, tmp_path_factory):
 def test_verify_passes_block_fp8_and_fails_scales_read_transposed(source, kept, patched):
     report = run_verification(source, kept, prompts=[PROMPT], stream_layers=True)
     assert report.verdict == "pass", report.reasons
+    # The random router is flat: a few tokens sit on near-ties and are left out free-running
+    # (with them in, this faithful port read 3.4× the reference's own bf16 error there).
+    assert 0 < report.logits.rerouted < report.logits.metrics.tokens // 4
 
     def transposed(self):
         """The grid read as if stored columns first: [R, C] taken as [C, R], transposed."""

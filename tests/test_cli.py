@@ -77,7 +77,7 @@ def test_shared_options_are_spelled_typed_and_defaulted_alike():
         assert new_tokens.default == DEFAULT_NEW_TOKENS == 32
         assert (new_tokens.type.min, new_tokens.type.max) == (1, MAX_NEW_TOKENS)
         mesh = option(command, "--mesh")
-        assert mesh.name == "mesh" and mesh.metavar == "DATAxMODEL"
+        assert mesh.name == "mesh" and mesh.metavar == "DATAxMODEL|DATAxEXPERTxMODEL"
 
 
 def refused(command, argv, *, expect: tuple[str, ...], cwd: Path) -> None:

@@ -15,9 +15,12 @@ declares (`checkpoint.pieces`), one implementation and dtype resident at a time:
   reference's own bf16.
 - fp32: the same with the reference's fp32 run; the port must match it to ~1e-7.
 Integer outputs (a router's chosen experts) are counted as disagreeing tokens (`MismatchSums`).
+Free-running in bf16, a token some router could have sent to other experts on rounding alone
+(`verify/routing.py`) is left out of the bf16 sums from that block on, and counted.
 """
 
 import dataclasses
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -26,6 +29,7 @@ from checkpoint.errors import CheckpointError
 from checkpoint.pieces import BLOCK_OUTPUT
 from verify.implementation import WHOLE_BLOCK, Implementation, PieceOutputs, Values
 from verify.metrics import ErrorSums, MismatchSums, StateMetrics, error_scale, state_metrics
+from verify.routing import fragile_tokens
 
 States = dict[str, list[np.ndarray]]  # stream → one array per prompt
 REFERENCE_STREAMS = ("R16", "R32", "R64")
@@ -75,12 +79,16 @@ class LayerSums:
     free: StateMetrics  # port vs reference in the verified dtype, all prompts pooled
     free_prompts: list[FreeSums]
     pieces: dict[str, list[PieceSums]]  # piece → per prompt (blocks only), declared order
+    rerouted: int = 0  # tokens left out of the free-running bf16 sums (verify/routing.py)
 
 
 @dataclasses.dataclass
 class Drift:
     layers: list[LayerSums]  # embeddings, every block, final norm
     logits: States  # stream → per prompt, fp32 logits
+    # Per prompt, the tokens some router could have sent elsewhere on bf16 rounding alone,
+    # left out of the free-running bf16 sums from that block on (verify/routing.py).
+    rerouted: list[np.ndarray]
 
 
 def whole_model_states(
@@ -140,15 +148,17 @@ def drift(
         del shell
     states = current(0, embedded)
     _check_reference(ref, states, "the embeddings")
-    layers = [_layer("embeddings", None, states, dtype, {}, peer_at(0))]
+    rerouted = [np.zeros(len(h), bool) for h in states["R32"]]
+    layers = [_layer("embeddings", None, states, dtype, {}, peer_at(0), rerouted)]
     for g, group_layers in enumerate(ref.args.layer_groups):
         run = _GroupRun(ref, port, g, len(group_layers), starts, bf16)
         after = run.forward(states, {s: whole[s][0] for s in whole}, group_layers[0], stepped)
         for k, i in enumerate(group_layers):
             states = current(i + 1, {s: [h[k] for h in after[s]] for s in stepped})
             _check_reference(ref, states, f"block {i}")
+            rerouted = [r | f for r, f in zip(rerouted, run.fragile[k], strict=True)]
             peer_block = peer_at(i + 1) if i < n_layers - 1 else None  # the peer's last is normed
-            layers.append(_layer(f"block {i}", i, states, dtype, run.sums[k], peer_block))
+            layers.append(_layer(f"block {i}", i, states, dtype, run.sums[k], peer_block, rerouted))
             if on_block is not None:
                 on_block(i)
     heads = {}
@@ -160,8 +170,8 @@ def drift(
     logits = {s: whole[s][1] for s in whole} | {s: [h[1] for h in heads[s]] for s in stepped}
     _check_reference(ref, normed, "the final norm")
     _check_reference(ref, logits, "the logits")
-    layers.append(_layer("final norm", None, normed, dtype, {}, peer_at(n_layers)))
-    return Drift(layers, logits)
+    layers.append(_layer("final norm", None, normed, dtype, {}, peer_at(n_layers), rerouted))
+    return Drift(layers, logits, rerouted)
 
 
 class _GroupRun:
@@ -171,6 +181,8 @@ class _GroupRun:
         self.ref, self.port, self.g, self.bf16 = ref, port, g, bf16
         self.size, self.n_prompts, self.starts = size, len(starts), starts
         self.sums: list[dict[str, list[PieceSums]]] = [{} for _ in range(size)]
+        # fragile[k][j]: prompt j's tokens block k's router could re-route on bf16 rounding.
+        self.fragile = [[False] * self.n_prompts for _ in range(size)]
 
     def forward(self, states: States, whole: dict, first: int, stepped: list[str]) -> States:
         """Judge every block of the group; the stepped streams' states after each block."""
@@ -187,6 +199,8 @@ class _GroupRun:
         ]
         traced32 = self._trace_with(group, "R32", states, whole, first)
         del group
+        for k, j in itertools.product(self._ks, prompts) if traced16 else ():
+            self.fragile[k][j] = _fragile(self.ref.args, traced32[k][j], traced16[k][j])
         _extend(after, "R32", _block_outputs(traced32))
         if "R64" in after:  # free-running only: the truth fp32 is judged against
             group = self.ref.group(self.g, "float64")
@@ -272,6 +286,18 @@ class _GroupRun:
                     sums.port32.add(_tokens(value), _tokens(reference))
 
 
+def _fragile(args, truth: Values, noisy: Values) -> np.ndarray | bool:
+    """The tokens whose chosen experts (an integer output `X` chosen from `X_scores`) are
+    within the reference's own bf16 noise of a tie, in one block's fp32 (`truth`) and bf16
+    (`noisy`) free-running traces; False where the block routes nothing."""
+    fragile = False
+    for name, value in truth.items():
+        scores = f"{name}_scores"
+        if _is_integer(value) and scores in truth and args.moe is not None:
+            fragile = fragile | fragile_tokens(truth[scores], noisy[scores], args.moe)
+    return fragile
+
+
 def _reference_output(traced: Values, piece: str, output: str) -> np.ndarray:
     """The reference's own value of a piece's output in its recorded run."""
     return traced[BLOCK_OUTPUT if piece == WHOLE_BLOCK else output]
@@ -297,8 +323,11 @@ def _extend(after: States, stream: str, per_prompt: list[list[np.ndarray]]) -> N
         after[stream] = per_prompt
 
 
-def free_sums(states: States, peer: dict | None = None) -> list[FreeSums]:
-    """Per prompt, every stream (and the peer) against the fp32 reference."""
+def free_sums(
+    states: States, peer: dict | None = None, rerouted: list[np.ndarray] | None = None
+) -> list[FreeSums]:
+    """Per prompt, every stream (and the peer) against the fp32 reference; the bf16 ones
+    without the `rerouted` tokens (`Drift.rerouted`)."""
     out = []
     for j, truth in enumerate(states["R32"]):
         sums, scale = FreeSums(), error_scale(truth)
@@ -307,12 +336,13 @@ def free_sums(states: States, peer: dict | None = None) -> list[FreeSums]:
             exact = states["R64"][j]
             sums.ref32_64.add(truth, exact, scale)
             sums.port32_64.add(states["P32"][j], exact, scale)
+        kept = slice(None) if rerouted is None else ~rerouted[j]
         if "R16" in states:
-            sums.ref16.add(states["R16"][j], truth, scale)
-            sums.port16.add(states["P16"][j], truth, scale)
+            sums.ref16.add(states["R16"][j][kept], truth[kept], scale[kept])
+            sums.port16.add(states["P16"][j][kept], truth[kept], scale[kept])
         if peer is not None:
             sums.peer32.add(peer["float32"][j], truth, scale)
-            sums.peer16.add(peer["bfloat16"][j], truth, scale)
+            sums.peer16.add(peer["bfloat16"][j][kept], truth[kept], scale[kept])
         out.append(sums)
     return out
 
@@ -336,8 +366,9 @@ def _layer(
     dtype: str,
     pieces: dict[str, list[PieceSums]],
     peer: dict | None,
+    rerouted: list[np.ndarray],
 ) -> LayerSums:
     port, ref = ("P16", "R16") if dtype == "bfloat16" else ("P32", "R32")
-    free = free_sums(states, peer)
+    free = free_sums(states, peer, rerouted)
     pooled = state_metrics(np.concatenate(states[port]), np.concatenate(states[ref]))
-    return LayerSums(name, index, pooled, free, pieces)
+    return LayerSums(name, index, pooled, free, pieces, int(sum(r.sum() for r in rerouted)))

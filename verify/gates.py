@@ -286,4 +286,5 @@ def layer_result(layer: LayerSums, bf16: bool, t: Thresholds, gated: bool) -> La
         peer_fp32_error=free.peer_fp32_error,
         pieces=pieces,
         failures=tuple(failures),
+        free_rerouted=layer.rerouted,
     )

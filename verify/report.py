@@ -282,6 +282,14 @@ def _logits_section(r: Report) -> list[str]:
             f"÷ reference's own {_g(lg.peer.bf16_ratio)}; fp32 error {_g(lg.peer.fp32_error)}.",
             "",
         ]
+    if lg.rerouted:
+        lines += [
+            f"{lg.rerouted} of {m.tokens} tokens are left out of the free-running bf16 ratios "
+            "(final norm, logits): at some block the reference's own bf16 noise reaches a "
+            "near-tie of its router, so either model may send them to other experts "
+            "(verify/routing.py). Routing itself is judged per block, tie-aware (router piece).",
+            "",
+        ]
     if lg.other_reading is not None:
         o = lg.other_reading
         lines += [

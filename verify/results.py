@@ -50,6 +50,7 @@ class LayerResult:
     peer_fp32_error: float | None
     pieces: tuple[PieceResult, ...]
     failures: tuple[str, ...]
+    free_rerouted: int = 0  # tokens left out of the free-running bf16 figures (re-routable)
 
     @property
     def block_bf16_ratio(self) -> float | None:
@@ -87,6 +88,7 @@ class LogitResult:
     nonfinite: int
     peer: PeerLogits | None
     failures: tuple[str, ...]
+    rerouted: int = 0  # tokens left out of the bf16 ratio: a router's near-tie (re-routable)
     other_reading: OtherReading | None = None  # latent attention, YaRN, apply_scale false
 
 

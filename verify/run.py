@@ -354,7 +354,7 @@ def _judge(
     layers = [
         layer_result(layer, bf16, t, gated=(k == n - 1)) for k, layer in enumerate(result.layers)
     ]
-    logit_sums = free_sums(result.logits, peer_logits)
+    logit_sums = free_sums(result.logits, peer_logits, result.rerouted)
     logits = _logit_result(result, dtype, t, logit_sums, peer_logits)
     prompt_results = _prompt_results(result, layers, logit_sums, prompts, t)
     reasons = [f"checksum: {p}" for p in checksum_problems]
@@ -454,6 +454,7 @@ def _logit_result(result: Drift, dtype: str, t: Thresholds, sums: list, peer_log
         nonfinite=pooled.nonfinite,
         peer=peer,
         failures=tuple(free_failures("output", pooled, t)),
+        rerouted=int(sum(r.sum() for r in result.rerouted)),
     )
 
 
