@@ -6,6 +6,7 @@ peak RSS (wait4). Prints a table; `--json FILE` writes the figures.
 
     python benchmarks/verify_bench.py                      # 7B, CPU: fits 24 GB of RAM?
     python benchmarks/verify_bench.py --n-layers 2 --keep
+    python benchmarks/verify_bench.py --builtin-prompts --keep   # verify's own prompt set
 """
 
 import argparse
@@ -29,6 +30,9 @@ def main() -> None:
     parser.add_argument("--n-layers", type=int)
     parser.add_argument("--workdir", type=Path, default=Path("bench-work"))
     parser.add_argument("--prompt", default="The capital of France is")
+    parser.add_argument(
+        "--builtin-prompts", action="store_true", help="verify's built-in prompt set instead"
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--no-stream", action="store_true", help="load whole models instead")
@@ -48,14 +52,14 @@ def main() -> None:
         subprocess.run([BIN / "mistral-convert", src, out], check=True, stdout=subprocess.DEVNULL)
     prompts = opts.workdir / "prompt.txt"
     prompts.write_text(opts.prompt + "\n")
+    given = [] if opts.builtin_prompts else ["--prompts", str(prompts)]
     cmd = [
         str(BIN / "mistral-verify"),
         "--reference",
         str(src),
         "--converted",
         str(out),
-        "--prompts",
-        str(prompts),
+        *given,
         "--device",
         opts.device,
         "--dtype",
@@ -78,6 +82,8 @@ def main() -> None:
         "stream_layers": not opts.no_stream,
         "device": opts.device,
         "dtype": opts.dtype,
+        "prompts": "built-in" if opts.builtin_prompts else 1,
+        "prompt_tokens": sum(p["tokens"] for p in report["prompts"]),
         "weights_gb": (src / "consolidated.00.pth").stat().st_size / 1e9,
         "verdict": report["verdict"],
         "exit_code": os.waitstatus_to_exitcode(status),

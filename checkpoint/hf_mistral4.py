@@ -61,14 +61,16 @@ def mistral4_rope(args: ModelArgs, rope: dict | None) -> dict:
     the softmax scale × magnitude² (mscale_all_dim 1) only with `apply_scale: true` —
     mscale_all_dim 0 keeps the base scale, as vLLM reads `apply_scale: false`."""
     if rope is None:  # transformers divides positions by this length even when β is 0
-        return {
-            "rope_type": "default",
+        rope = {
             "rope_theta": args.rope_theta,
             "original_max_position_embeddings": args.max_position_embeddings or 1048576,
             "llama_4_scaling_beta": 0.0,
         }
-    if rope["rope_type"] != "yarn":
-        return rope
+    if rope.get("rope_type", "default") == "default":
+        # transformers' "default" rope for Mistral4 spans the whole head_dim (it ignores
+        # partial_rotary_factor); "linear" with factor 1 gives the plain frequencies over the
+        # rope dimensions only.
+        return rope | {"rope_type": "linear", "factor": 1.0}
     return rope | {
         "attention_factor": 1.0,
         "mscale": 1.0,

@@ -252,9 +252,10 @@ def _group_block(name: str, group) -> tuple[int, int]:
     weights = group["weights"]
     wanted = {"num_bits": 8, "type": "float", "strategy": "block", "dynamic": False}
     for key, value in wanted.items():
-        if weights.get(key, value) != value:
+        given = weights.get(key, False) if key == "dynamic" else weights.get(key)
+        if given != value:
             raise ValueError(
-                f"config_groups.{name}.weights.{key} {weights.get(key)!r} is unsupported "
+                f"config_groups.{name}.weights.{key} {given!r} is unsupported "
                 f"(block FP8 needs {value!r})"
             )
     if weights.get("symmetric", True) is not True:

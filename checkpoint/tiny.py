@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 
 from checkpoint.args import ModelArgs
 from checkpoint.folder import CONSOLIDATED_INDEX_NAME, PTH_NAME, SAFETENSORS_NAME
-from checkpoint.spec import tensor_spec
+from checkpoint.spec import block_grid, tensor_spec
 
 # The embedded default: small enough to run everywhere in seconds, with the real v0.1 vocabulary,
 # a window shorter than the demo prompts, GQA and head_dim != dim / n_heads.
@@ -135,7 +135,7 @@ def quantize_fp8_blocks(
     for name in names:
         weight = state[name].float()
         (rows, cols), (row_block, col_block) = weight.shape, block
-        grid = (-(-rows // row_block), -(-cols // col_block))
+        grid = block_grid(weight.shape, block)
         padded = torch.zeros(grid[0] * row_block, grid[1] * col_block)
         padded[:rows, :cols] = weight.abs()
         amax = padded.reshape(grid[0], row_block, grid[1], col_block).amax(dim=(1, 3))

@@ -415,7 +415,13 @@ def _stack_experts(planned: list[_Planned], args: ModelArgs) -> list[_Planned | 
     for p in planned:
         if p.record.name in first_part:
             name, shape, parts = first_part[p.record.name]
-            out.append(_Stacked(name, shape, tuple(by_source[n] for n in parts)))
+            planned_parts = tuple(by_source[n] for n in parts)
+            dtypes = sorted({part.out_dtype for part in planned_parts})
+            if len(dtypes) > 1:  # one tensor has one dtype: name what would break it
+                raise CheckpointError(
+                    p.record.path, f"{name}: its parts would be written as {', '.join(dtypes)}"
+                )
+            out.append(_Stacked(name, shape, planned_parts))
         elif p.record.name not in in_stack:
             out.append(p)
     return out

@@ -32,6 +32,11 @@ def softmax_factor(args: ModelArgs, hf_reading: bool = False) -> float:
     return yarn.magnitude**2 if applied else 1.0
 
 
+def softmax_scale(args: ModelArgs, hf_reading: bool = False) -> float:
+    """The scores' scale: (nope + rope)^-0.5 × `softmax_factor`."""
+    return args.head_dim**-0.5 * softmax_factor(args, hf_reading)
+
+
 class LatentAttention(nn.Module):
     cached_values = ("kv_latent", "k_rope")  # what the cache holds per token
 
@@ -46,7 +51,7 @@ class LatentAttention(nn.Module):
         )
         self.kv_lora_rank = args.kv_lora_rank
         self.llama_4_scaling = args.llama_4_scaling
-        self.scale = args.head_dim**-0.5 * softmax_factor(args)
+        self.scale = softmax_scale(args)
         h, d = args.n_heads, args.dim
         self.wq_a = nn.Linear(d, args.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(args.q_lora_rank, args.norm_eps)

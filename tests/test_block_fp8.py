@@ -1,9 +1,9 @@
 """Block FP8 (Mistral Large 3's `quantization_config`: compressed-tensors, `X.weight_scale` one
-scale per block of the weight) on a tiny Large-3-shaped model with 16×16 blocks, so that most
-weights have several blocks and partial ones: params refused by name where the scheme is not
-this one, scales checked by shape, the weights kept byte for byte or dequantized exactly as
-fp8 × the scale of their block, both models equal on it, and verify failing a port that reads
-the scales transposed."""
+scale per block of the weight) on a tiny Large-3-shaped model with 8×12 blocks, so that every
+weight has several blocks both ways and some have partial ones: params refused by name where
+the scheme is not this one, scales checked by shape, the weights kept byte for byte or
+dequantized exactly as fp8 × the scale of their block, both models equal on it, and verify
+failing a port that reads the scales transposed."""
 
 import dataclasses
 import json
@@ -36,7 +36,7 @@ from convert.convert import convert_checkpoint
 from reference_torch.loading import dequantize
 from verify.run import run_verification
 
-BLOCK = (16, 16)
+BLOCK = (8, 12)
 ARGS = dataclasses.replace(LARGE3, quantization_config=BlockFP8Args(**block_fp8_config(BLOCK)))
 # As Large 3 ships: the latent projections' first halves and the router unquantized.
 UNQUANTIZED = ("wq_a", "wkv_a_with_mqa", ".gate.")
@@ -66,20 +66,21 @@ def source(tmp_path_factory):
 
 
 def test_the_scale_covers_its_block_partial_blocks_included():
+    block = (16, 16)
     weight = torch.arange(40 * 20, dtype=torch.float32).reshape(40, 20).to(torch.float8_e4m3fn)
     scale = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])  # 40×20 in 16×16: 3 × 2 blocks
-    real = dequantize(weight, scale, BLOCK)
+    real = dequantize(weight, scale, block)
     fp = weight.float()
     assert torch.equal(real[:16, :16], fp[:16, :16] * 1.0)
     assert torch.equal(real[:16, 16:], fp[:16, 16:] * 2.0)
     assert torch.equal(real[32:, 16:], fp[32:, 16:] * 6.0)  # the partial corner block
     for first, n in [(0, 40), (5, 20), (31, 2), (39, 1)]:  # rows across block edges
-        rows = fp8.WeightScale(scale.numpy(), BLOCK).rows(first, n, (40, 20))
+        rows = fp8.WeightScale(scale.numpy(), block).rows(first, n, (40, 20))
         expected = scale.repeat_interleave(16, 0)[first : first + n].repeat_interleave(16, 1)
         assert np.array_equal(rows, expected[:, :20].numpy())
     stored = weight.view(torch.uint8).numpy().view(ml_dtypes.float8_e4m3fn)
     model = jax_layers.Linear(
-        jnp.asarray(stored), weight_scale=jnp.asarray(scale.numpy()), block=BLOCK
+        jnp.asarray(stored), weight_scale=jnp.asarray(scale.numpy()), block=block
     )
     assert np.array_equal(np.asarray(model.dequantized(jnp.float32)), real.numpy())
 
@@ -116,8 +117,8 @@ def test_params_parse_and_the_scheme_is_checked():
     "edit, expect",
     [
         (
-            lambda s: s.update({"layers.1.attention.wo.weight_scale": torch.ones(3, 4)}),
-            "layers.1.attention.wo.weight_scale has shape [3, 4], expected [4, 3]",
+            lambda s: s.update({"layers.1.attention.wo.weight_scale": torch.ones(4, 8)}),
+            "layers.1.attention.wo.weight_scale has shape [4, 8], expected [8, 4]",
         ),
         (
             lambda s: s.pop("layers.2.experts.3.w2.weight_scale"),
@@ -156,7 +157,7 @@ def test_keep_copies_every_byte_and_both_models_match_on_it(source, tmp_path):
         expected = reference(torch.tensor([tokens]))[0].numpy()
     port = model_jax.load_model(out, dtype="float32")
     assert port.layers.experts.w1.weight.dtype == jnp.float8_e4m3fn  # kept FP8 in memory
-    assert port.layers.experts.w1.weight_scale.shape == (2, 8, 1, 4)  # 16×64 in 16×16 blocks
+    assert port.layers.experts.w1.weight_scale.shape == (2, 8, 2, 6)  # 16×64 in 8×12 blocks
     got = np.asarray(port(jnp.asarray(tokens)))
     # Both dequantize in fp32 and run fp32: only summation order differs.
     assert np.abs(got - expected).max() / np.abs(expected).max() < 1e-5
@@ -213,3 +214,5 @@ def test_verify_passes_block_fp8_and_fails_scales_read_transposed(source, kept, 
     for layer in report.layers:
         assert any(f.startswith("q_path") for f in layer.failures), layer.failures  # wq_b: FP8
         assert not any(f.startswith("kv_latent") for f in layer.failures)  # wkv_a_with_mqa: not
+        ffn = "experts" if layer.index >= LARGE3.dense_layers else "feed_forward"
+        assert any(f.startswith(ffn) for f in layer.failures), layer.failures

@@ -23,7 +23,9 @@ from convert.convert import convert_checkpoint
 transformers = pytest.importorskip("transformers")
 
 APPLY_SCALE = dataclasses.replace(LARGE3, yarn=dataclasses.replace(LARGE3.yarn, apply_scale=True))
-CONFIGS = {"large3": LARGE3, "large3-apply-scale": APPLY_SCALE}
+# Without YaRN or Llama-4 scaling: plain RoPE over the rope dimensions only.
+PLAIN_ROPE = dataclasses.replace(LARGE3, yarn=None, llama_4_scaling=None)
+CONFIGS = {"large3": LARGE3, "large3-apply-scale": APPLY_SCALE, "plain-rope": PLAIN_ROPE}
 
 
 def test_a_stacked_tensor_is_its_parts_back_to_back():

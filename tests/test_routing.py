@@ -1,9 +1,12 @@
 """`verify.routing.fragile_tokens`: a token is fragile exactly when one of the margins its
 experts were chosen by is within what rounding moves its scores."""
 
+import dataclasses
+
 import numpy as np
 
 from checkpoint.sections import MoeArgs
+from verify.drift import free_sums
 from verify.routing import fragile_tokens
 
 TOP2 = MoeArgs(num_experts=4, num_experts_per_tok=2)
@@ -33,3 +36,22 @@ def test_group_margins_and_only_eligible_experts_count():
     close = np.array([0.5, 0.5, 0.1, 0.0, 0.49, 0.49, 0.0, 0.0])
     assert fragile_tokens(close, close + np.eye(8)[0] * 0.006, GROUPED).all()
     assert not fragile_tokens(close, close + np.eye(8)[0] * 0.004, GROUPED).any()
+
+
+def test_every_group_chosen_leaves_only_expert_margins():
+    every = dataclasses.replace(GROUPED, num_expert_groups_per_tok=2)
+    scores = np.array([0.5, 0.3, 0.1, 0.0, 0.45, 0.05, 0.0, 0.0])
+    # Experts 0 and 4 chosen over all groups; expert 1 next: a margin of 0.15.
+    assert fragile_tokens(scores, scores + 0.08, every).tolist() == [True]
+    assert fragile_tokens(scores, scores + 0.07, every).tolist() == [False]
+
+
+def test_free_sums_keep_nan_of_left_out_tokens_and_accept_none_left():
+    truth = np.ones((3, 4), np.float32)
+    port = truth.copy()
+    port[2, 1] = np.nan
+    states = {"R32": [truth], "P32": [truth], "R16": [truth + 0.01], "P16": [port]}
+    sums = free_sums(states, rerouted=[np.array([False, False, True])])[0]
+    assert sums.port16.nonfinite == 1 and sums.port16.count == 8  # token 2 left out
+    sums = free_sums(states, rerouted=[np.ones(3, bool)])[0]
+    assert sums.port16.nonfinite == 1 and sums.port16.count == 0

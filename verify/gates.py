@@ -139,6 +139,7 @@ def piece_result(name: str, sums: list[PieceSums], bf16: bool, t: Thresholds) ->
         integer_unexplained_bf16=mismatches["port16"].unexplained if integer and bf16 else None,
         integer_unexplained_ref16=mismatches["ref16"].unexplained if integer and bf16 else None,
         integer_unexplained_fp32=mismatches["port32"].unexplained if integer else None,
+        rerouted=sum(s.rerouted for s in sums),
         bf16_exact_error=port16.rms if exact else None,
     )
 

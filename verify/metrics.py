@@ -46,6 +46,8 @@ class ErrorSums:
         precise = np.asarray(truth).dtype == np.float64
         dtype = np.float64 if precise else np.float32
         x, truth = np.asarray(x, dtype), np.asarray(truth, dtype)
+        if not len(x):  # no tokens (all left out): nothing to add
+            return
         x, truth = x.reshape(len(x), -1), truth.reshape(len(truth), -1)
         bad = ~np.isfinite(x)
         self.nonfinite += int(bad.sum())

@@ -36,7 +36,12 @@ class HFPeer:
         self._transformers.utils.logging.disable_progress_bar()  # verify draws its own
         self.folder, self.args, self.device = folder, args, device
         (architecture,) = json.loads((folder / "config.json").read_text())["architectures"]
-        self._model_class = getattr(self._transformers, architecture)
+        self._model_class = getattr(self._transformers, architecture, None)
+        if self._model_class is None:
+            raise ValueError(
+                f"--peer hf needs transformers with {architecture} (installed: "
+                f"{self._transformers.__version__})"
+            )
 
     def model(self, dtype: str):
         model = self._model_class.from_pretrained(self.folder, dtype=torch_dtype(dtype))

@@ -12,7 +12,7 @@ against the reference's own noise in the verified dtype.
 import numpy as np
 
 from checkpoint.args import ModelArgs
-from reference_torch.latent import softmax_factor
+from reference_torch.latent import softmax_factor, softmax_scale
 from verify.drift import States
 from verify.metrics import ErrorSums, error_scale
 from verify.results import OtherReading
@@ -35,7 +35,7 @@ def hf_reading_logits(ref: TorchRunner, prompts: list[list[int]], starts: list[i
     for g in range(len(args.layer_groups)):
         group = ref.group(g, "float32")
         for block in group.blocks:  # fresh modules: the change ends with this group
-            block.attention.scale = args.head_dim**-0.5 * softmax_factor(args, hf_reading=True)
+            block.attention.scale = softmax_scale(args, hf_reading=True)
         states = [ref.run_group(group, h, s)[-1] for h, s in zip(states, starts, strict=True)]
         del group
     shell = ref.shell("head", "float32")

@@ -154,7 +154,8 @@ def _layers_section(r: Report) -> list[str]:
             _g(layer.free.rel_l2),
             _g(layer.free.max_abs),
             _g(layer.free_floor),
-            _g(layer.free_bf16_ratio),
+            _g(layer.free_bf16_ratio)
+            + (f" ({layer.free_rerouted} left out)" if layer.free_rerouted else ""),
             _g(layer.free_fp32_error),
             _g(layer.free_fp32_ratio),
             _g(block.bf16_ratio if block else None),
@@ -191,7 +192,8 @@ def _layers_section(r: Report) -> list[str]:
         "*free*: each model runs on its own outputs (*rel L2*, *max|Δ|*: port vs reference in "
         f"{r.dtype}). *floor*: the reference's own bf16 error against its fp32 run; *÷ref*: "
         "the port's bf16 error against the same fp32 truth divided by the reference's (≈1 or "
-        "below is ideal). *TF* (teacher-forced): every piece the block declares (next table), "
+        "below is ideal; *left out*: tokens a router could re-route on bf16 noise, see the "
+        "Logits section). *TF* (teacher-forced): every piece the block declares (next table), "
         "and the whole block, gets the reference's own bf16 input to that piece, so only that "
         "piece can differ; the gate is on every piece. Errors are scale-aware: each element's "
         "error relative to |truth| plus its token's median |truth|, so a few massive "

@@ -31,6 +31,7 @@ class PieceResult:
     integer_unexplained_bf16: int | None = None
     integer_unexplained_ref16: int | None = None
     integer_unexplained_fp32: int | None = None
+    rerouted: int = 0  # whole block: tokens left out of its bf16 ratio (a router near-tie)
     # A piece both models compute in fp32 even in a bf16 run (a router): the reference's bf16
     # error is zero, so the port's bf16 error is judged as an fp32 error instead of a ratio.
     bf16_exact_error: float | None = None

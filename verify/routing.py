@@ -29,7 +29,7 @@ def fragile_tokens(truth: np.ndarray, noisy: np.ndarray, moe: MoeArgs) -> np.nda
     groups = moe.num_expert_groups or 1
     eligible = np.ones_like(truth, dtype=bool)
     fragile = np.zeros(len(truth), dtype=bool)
-    if groups > 1:
+    if groups > 1 and moe.num_expert_groups_per_tok < groups:  # else every group is chosen
         grouped = truth.reshape(len(truth), groups, -1)
         group_scores = np.sort(grouped, -1)[..., -2:].sum(-1)
         ranked = np.sort(group_scores, -1)[:, ::-1]
