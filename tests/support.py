@@ -1,6 +1,11 @@
 """Helpers the tests share: tiny configs, random tokens, error measures."""
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -54,3 +59,21 @@ def hf_rope_parameters(args: ModelArgs, **yarn_keys) -> dict:
         "beta_slow": args.yarn.alpha,
         **yarn_keys,
     }
+
+
+def run_on_fake_devices(script: str, *args: str, devices: int = 8) -> dict:
+    """Run tests/`script` in a child with `devices` fake CPU devices (XLA's host platform
+    device count is fixed at start-up) and return the JSON its last line prints."""
+    env = os.environ | {
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+    }
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name(script)), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -3,16 +3,10 @@ shared expert, 8 routed experts in 2 groups) and a tiny Mixtral, their routed ex
 "expert" (and inside each expert over "model"), give the single-device logits, and each device
 holds and reads only its own experts' bytes."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import jax
 import pytest
 from mla_support import LARGE3
-from support import tiny_args
+from support import run_on_fake_devices, tiny_args
 
 from checkpoint.args import MoeArgs
 from convert.convert import convert_checkpoint
@@ -46,20 +40,7 @@ def found(request, make_checkpoint, tmp_path_factory):
     source = make_checkpoint(CONFIGS[request.param], weights_format="safetensors")
     out = tmp_path_factory.mktemp(request.param) / "converted"
     convert_checkpoint(source, out)
-    env = os.environ | {
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    script = Path(__file__).with_name("expert_check.py")
-    done = subprocess.run(
-        [sys.executable, str(script), str(out), *MESHES],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return run_on_fake_devices("expert_check.py", str(out), *MESHES)
 
 
 @pytest.mark.slow  # a child process per config, loading and compiling the model 4 times

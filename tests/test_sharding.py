@@ -2,14 +2,8 @@
 single-device model, each device holds 1/8 of each sharded weight, and loading reads one
 device slice at a time."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-from support import tiny_args
+from support import run_on_fake_devices, tiny_args
 
 from checkpoint.args import MoeArgs
 from convert.convert import convert_checkpoint
@@ -41,20 +35,7 @@ CONFIGS = {
 def test_sharded_model_matches_single_device(make_checkpoint, tmp_path, name):
     source, out = make_checkpoint(CONFIGS[name]), tmp_path / "converted"
     convert_checkpoint(source, out)
-    env = os.environ | {
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
-        "JAX_PLATFORMS": "cpu",
-    }
-    script = Path(__file__).with_name("sharded_check.py")
-    done = subprocess.run(
-        [sys.executable, str(script), str(out), "1x8", str(source)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    found = json.loads(done.stdout.strip().splitlines()[-1])
+    found = run_on_fake_devices("sharded_check.py", str(out), "1x8", str(source))
     assert found["devices"] == 8
     assert found["logits_rel_error"] <= 1e-5
     assert found["wq_shard_fractions"] == [1 / 8] and found["wq_devices"] == 8
