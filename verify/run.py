@@ -24,6 +24,7 @@ from convert.check import check_converted
 from convert.manifest import sha256_file
 from model_jax.generate import check_positions
 from reference_torch.latent import softmax_factor
+from verify.backends import fp32_matmul_factor
 from verify.drift import Drift, drift, free_sums, whole_model_states
 from verify.gates import (
     Thresholds,
@@ -195,11 +196,12 @@ def run_verification(
                 generation = _generation_baseline(generation, ref, hf, generated, dtype)
         step("checksums: waiting for the hashes")
         checksum_problems = converted_check.result()
+    factor, reduction = backend_factor(ref.args, torch_device, jax_device)
     report = _judge(
         result,
         prompts,
         dtype,
-        thresholds,
+        _scaled_fp32(thresholds, factor),
         generation,
         checksum_problems,
         peer_logits,
@@ -210,7 +212,10 @@ def run_verification(
         ),
         settings={
             "model_args": ref.args.to_dict(),
-            "notes": tuple(model_notes(ref.args, ref.loader.roles, dtype)),
+            "notes": (
+                *model_notes(ref.args, ref.loader.roles, dtype),
+                *_backend_note(factor, reduction),
+            ),
             "dtype": dtype,
             "stream_layers": stream_layers,
             "peer": peer,
@@ -225,6 +230,34 @@ def run_verification(
     return dataclasses.replace(
         report, logits=dataclasses.replace(report.logits, other_reading=reading)
     )
+
+
+def backend_factor(args: ModelArgs, torch_device: str, jax_device) -> tuple[float, int]:
+    """How much less accurately the port's backend sums an fp32 matmul than the reference's
+    (verify/backends.py), on the model's longest reduction; and that length."""
+    reduction = max(args.dim, args.hidden_dim, args.n_heads * (args.v_head_dim or args.head_dim))
+    if args.moe is not None and args.moe.expert_hidden_dim:
+        reduction = max(reduction, args.moe.expert_hidden_dim)
+    return fp32_matmul_factor(reduction, torch_device, jax_device), reduction
+
+
+def _scaled_fp32(t: Thresholds, factor: float) -> Thresholds:
+    """The free-running fp32 limit (base and token noise) × the backends' accuracy factor."""
+    return dataclasses.replace(
+        t,
+        free_fp32_ratio=t.free_fp32_ratio * factor,
+        fp32_token_noise=t.fp32_token_noise * factor,
+    )
+
+
+def _backend_note(factor: float, reduction: int) -> list[str]:
+    if factor <= 1.0:
+        return []
+    return [
+        f"fp32 backends: the port's matmul sums {reduction} products {factor:.2f}× less "
+        "accurately than the reference's (against float64, verify/backends.py), so the "
+        f"free-running fp32 limit is × {factor:.2f} (the thresholds shown include it)"
+    ]
 
 
 def model_notes(args: ModelArgs, roles: Roles, dtype: str) -> list[str]:
