@@ -7,9 +7,16 @@ peak RSS (wait4). Prints a table; `--json FILE` writes the figures.
     python benchmarks/verify_bench.py                      # 7B, CPU: fits 24 GB of RAM?
     python benchmarks/verify_bench.py --n-layers 2 --keep
     python benchmarks/verify_bench.py --builtin-prompts --keep   # verify's own prompt set
+    python benchmarks/verify_bench.py --fp8-layer large-3 --vocab-size 32768 --keep
+
+`--fp8-layer large-3`: one full-width Mistral Large 3 MoE layer in its release format (block
+FP8, 128 routed experts; `convert_bench.py`), streamed within the layer; `--vocab-size` cuts
+the vocabulary (the embeddings and head are not the layer: at 131072 the float64 reference's
+head alone is 7.5 GB).
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -20,6 +27,9 @@ import time
 from pathlib import Path
 
 from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from convert_bench import FP8_LAYERS, write_fp8_checkpoint
 
 BIN = Path(sys.executable).parent
 
@@ -36,13 +46,20 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--no-stream", action="store_true", help="load whole models instead")
+    parser.add_argument("--fp8-layer", choices=sorted(FP8_LAYERS), help="one FP8 layer instead")
+    parser.add_argument("--vocab-size", type=int, help="with --fp8-layer: this vocabulary")
     parser.add_argument("--keep", action="store_true")
     parser.add_argument("--json", type=Path)
     opts = parser.parse_args()
 
     src, out = opts.workdir / "verify-src", opts.workdir / "verify-converted"
     layers = ["--n-layers", str(opts.n_layers)] if opts.n_layers else []
-    if not src.exists():
+    if opts.fp8_layer and not src.exists():
+        args = FP8_LAYERS[opts.fp8_layer]
+        if opts.vocab_size:
+            args = dataclasses.replace(args, vocab_size=opts.vocab_size)
+        write_fp8_checkpoint(src, args)
+    elif not src.exists():
         subprocess.run(
             [BIN / "mistral-tiny", src, "--preset", opts.preset, *layers],
             check=True,
@@ -77,14 +94,15 @@ def main() -> None:
     wall = time.perf_counter() - start
     report = json.loads((opts.workdir / "verify-report" / "report.json").read_text())
     row = {
-        "preset": opts.preset,
+        "preset": f"{opts.fp8_layer} (one layer)" if opts.fp8_layer else opts.preset,
         "n_layers": report["model_args"]["n_layers"],
         "stream_layers": not opts.no_stream,
         "device": opts.device,
         "dtype": opts.dtype,
         "prompts": "built-in" if opts.builtin_prompts else 1,
         "prompt_tokens": sum(p["tokens"] for p in report["prompts"]),
-        "weights_gb": (src / "consolidated.00.pth").stat().st_size / 1e9,
+        "vocab_size": report["model_args"]["vocab_size"],
+        "weights_gb": sum(f.stat().st_size for f in src.glob("consolidated*")) / 1e9,
         "verdict": report["verdict"],
         "exit_code": os.waitstatus_to_exitcode(status),
         "seconds": wall,

@@ -25,7 +25,7 @@ from checkpoint.dtypes import jax_dtype
 from checkpoint.errors import CheckpointError
 from checkpoint.folder import CheckpointFolder, open_folder
 from checkpoint.spec import shell_modules, tensor_spec
-from model_jax.model import Linear, Transformer, TransformerBlock
+from model_jax.model import FeedForward, Linear, Transformer, TransformerBlock
 from model_jax.sharding import sharded_array
 from model_jax.structure import LeafSpec, leaf_specs
 
@@ -61,10 +61,14 @@ def stack_layout(args: ModelArgs) -> dict[str, tuple[int, int]]:
 
 
 def leaf_names(spec: LeafSpec, args: ModelArgs, layout: dict | None = None) -> np.ndarray:
-    """The checkpoint names behind a leaf, shaped like its stacking axes."""
-    first, count = (layout or stack_layout(args)).get(spec.path[0].name, (0, 0))
-    experts = {"experts": args.moe.num_experts} if args.moe else {}
-    return spec.names(experts | {"layers": count}, {"layers": first})
+    """The checkpoint names behind a leaf, shaped like its stacking axes. `layout`: each stack
+    of blocks' first layer and length (`stack_layout`), and optionally "experts": the first
+    routed expert and how many (default all)."""
+    layout = layout or stack_layout(args)
+    first, count = layout.get(spec.path[0].name, (0, 0))
+    experts = layout.get("experts", (0, args.moe.num_experts if args.moe else 0))
+    sizes = {"layers": count, "experts": experts[1]}
+    return spec.names(sizes, {"layers": first, "experts": experts[0]})
 
 
 def _leaf(tree, path):
@@ -145,11 +149,47 @@ class PortLoader:
         model, _ = self._fill(self.skeleton(dtype), mesh, wanted, self.layout)
         return model
 
-    def group(self, g: int, *, dtype="bfloat16", mesh: Mesh | None = None) -> TransformerBlock:
+    def group(
+        self,
+        g: int,
+        *,
+        dtype="bfloat16",
+        mesh: Mesh | None = None,
+        routed_experts: bool = True,
+    ) -> TransformerBlock:
         """The blocks of scan step g (`ModelArgs.layer_groups`), stacked as the forward's scan
         slices them out of the whole model (`Transformer.group`); block k of them is
-        `model_jax.model.group_block(group, k, window)`, as in the forward."""
+        `model_jax.model.group_block(group, k, window)`, as in the forward. Without
+        `routed_experts`, fine-grained MoE blocks come without them (`experts` None), to be
+        read a few at a time (`experts`)."""
         layers = self.args.layer_groups[g]
+        stack, part = self._part(layers)
+        layout = {stack: (layers[0], len(layers))}
+        wanted = self._wanted(stack, None if routed_experts else False)
+        model, _ = self._fill(self.skeleton(dtype, part), mesh, wanted, layout)
+        blocks = getattr(model, stack)
+        if not routed_experts and blocks.experts is not None:  # left as shapes: dropped
+            blocks = eqx.tree_at(lambda b: b.experts, blocks, None, is_leaf=lambda x: x is None)
+        return blocks
+
+    def experts(
+        self, layer: int, first: int, count: int, *, dtype="bfloat16", mesh: Mesh | None = None
+    ) -> FeedForward:
+        """Routed experts first … first + count − 1 of (fine-grained MoE) layer `layer`,
+        stacked over experts as a block holds them all."""
+        stack, part = self._part((layer,))
+        shapes = self.skeleton(dtype, part)
+        narrowed = jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct((s.shape[0], count, *s.shape[2:]), s.dtype),
+            getattr(shapes, stack).experts,
+        )
+        shapes = eqx.tree_at(lambda m: getattr(m, stack).experts, shapes, narrowed)
+        layout = {stack: (layer, 1), "experts": (first, count)}
+        model, _ = self._fill(shapes, mesh, self._wanted(stack, experts=True), layout)
+        return jax.tree.map(lambda a: a[0], getattr(model, stack).experts)
+
+    def _part(self, layers: tuple[int, ...] | list[int]) -> tuple[str, ModelArgs]:
+        """The stack these consecutive layers lie in, and the config of a model of them only."""
         dense = layers[0] < self.args.dense_layers
         part = dataclasses.replace(self.args, n_layers=len(layers))
         if part.moe is not None:  # a part of dense layers, or of routed ones
@@ -157,11 +197,18 @@ class PortLoader:
             part = dataclasses.replace(
                 part, moe=dataclasses.replace(part.moe, first_k_dense_replace=routed_from)
             )
-        stack = "dense_layers" if dense else "layers"
-        wanted = lambda spec: spec.path[0].name == stack  # noqa: E731
-        layout = {stack: (layers[0], len(layers))}
-        model, _ = self._fill(self.skeleton(dtype, part), mesh, wanted, layout)
-        return getattr(model, stack)
+        return ("dense_layers" if dense else "layers"), part
+
+    @staticmethod
+    def _wanted(stack: str, experts: bool | None = None) -> Callable[[LeafSpec], bool]:
+        """The leaves of `stack`: all (None), its routed experts' only (True), or the others."""
+
+        def wanted(spec: LeafSpec) -> bool:
+            if spec.path[0].name != stack:
+                return False
+            return experts is None or (spec.path[1].name == "experts") == experts
+
+        return wanted
 
     def _fill(self, shapes, mesh, wanted: Callable[[LeafSpec], bool], layout: dict):
         """`shapes` with its wanted leaves read from the checkpoint; the names used. `layout`:

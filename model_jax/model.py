@@ -98,8 +98,10 @@ class TransformerBlock(eqx.Module):
         )
         return fine_grained_route(logits, self.moe)
 
-    def mix(self, x, weights, selected) -> Float[Array, "seq dim"]:
-        return sparse_mix(self.experts, x, weights, selected)
+    def mix(self, x, weights, selected, first=0, out=None) -> Float[Array, "seq dim"]:
+        """The routed experts' weighted sum; `first`, `out`: this block holds only experts
+        `first`, … and adds theirs to `out` (streamed within a layer, `sparse_mix`)."""
+        return sparse_mix(self.experts, x, weights, selected, first, out)
 
     def shared(self, x: Float[Array, "seq dim"]) -> Float[Array, "seq dim"]:
         if self.shared_experts is None:

@@ -108,6 +108,8 @@ def sparse_mix(
     x: Float[Array, "seq dim"],
     weights: Float[Array, "seq k"],
     selected: Int[Array, "seq k"],
+    first: Int[Array, ""] | int = 0,
+    out: Float[Array, "seq dim"] | None = None,
 ) -> Float[Array, "seq dim"]:
     """The chosen experts only (grouped matmuls over the token–expert pairs sorted by expert,
     `lax.ragged_dot`), each token's k outputs weighted and summed in expert order in x's
@@ -116,8 +118,16 @@ def sparse_mix(
     matmul for all of them (`lax.ragged_dot` has no batching rule of its own). On a mesh
     whose expert axis splits `experts`, XLA partitions the grouped matmul by expert: each
     device multiplies by its own experts only (the group sizes gathered, the outputs summed
-    over the expert axis), never gathering another device's weights."""
-    return _sparse_mix(experts, x, weights, selected)
+    over the expert axis), never gathering another device's weights.
+
+    Streamed within a layer (`out` given): `experts` holds experts `first`, `first` + 1, …
+    only, and their weighted outputs are added to `out` in the same order, the others'
+    left out. Run over consecutive parts of the experts in order, each starting from the
+    last one's sum, this adds the same terms in the same order as one call over all of
+    them (a single sequence only)."""
+    if out is None:
+        return _sparse_mix(experts, x, weights, selected)
+    return _sparse_tokens(experts, x, weights, selected, first, out)
 
 
 @jax.custom_batching.custom_vmap
@@ -139,11 +149,14 @@ def _sparse_mix_batched(axis_size, in_batched, experts, x, weights, selected):
     return out.reshape(axis_size, -1, out.shape[-1]), True
 
 
-def _sparse_tokens(experts, x, weights, selected):
+def _sparse_tokens(experts, x, weights, selected, first=0, out=None):
     T, k = selected.shape
-    flat = selected.reshape(-1)
+    held = experts.w1.weight.shape[0]
+    local = selected - first  # index among the experts held
+    here = (local >= 0) & (local < held)
+    flat = jnp.where(here, local, held).reshape(-1)  # pairs of other experts sort last
     order = jnp.argsort(flat, stable=True)  # token-expert pairs grouped by expert
-    sizes = jnp.bincount(flat, length=experts.w1.weight.shape[0])
+    sizes = jnp.bincount(flat, length=held)  # the others in no group
     xs = x[order // k]
 
     def grouped(linear, h):
@@ -154,9 +167,10 @@ def _sparse_tokens(experts, x, weights, selected):
     ys = grouped(experts.w2, gate * grouped(experts.w3, xs))
     ys = jnp.zeros_like(ys).at[order].set(ys).reshape(T, k, -1)  # back to (token, slot)
     contributions = weights.astype(x.dtype)[..., None] * ys
+    contributions = jnp.where(here[..., None], contributions, jnp.zeros_like(contributions))
     by_expert = jnp.argsort(selected, axis=-1, stable=True)
     contributions = jnp.take_along_axis(contributions, by_expert[..., None], axis=1)
-    out = jnp.zeros_like(x)
+    out = jnp.zeros_like(x) if out is None else out
     for j in range(k):  # sequential, in expert order, as the reference's per-expert loop
         out = out + contributions[:, j]
     return out

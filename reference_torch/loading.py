@@ -23,7 +23,7 @@ from checkpoint.errors import CheckpointError, describe, reading
 from checkpoint.folder import raise_spec_problems, read_weight_map, weights_entry
 from checkpoint.pth import check_pickle_size
 from checkpoint.spec import FP8, layer_spec, shell_modules, tensor_spec
-from reference_torch.model import Transformer, TransformerBlock, make_block
+from reference_torch.model import FeedForward, Transformer, TransformerBlock, make_block
 
 # An IEEE float is NaN or Inf exactly when its exponent bits are all ones.
 _EXPONENT_BITS = {
@@ -137,6 +137,9 @@ def dequantize(
     if block is None:
         return weight.float() * scale.float().reshape(-1, 1)
     rows, cols = weight.shape
+    if rows % block[0] == 0 and cols % block[1] == 0:  # whole blocks: scale each in place
+        blocks = weight.float().view(rows // block[0], block[0], cols // block[1], block[1])
+        return (blocks * scale.float()[:, None, :, None]).view(rows, cols)
     expanded = scale.float().repeat_interleave(block[0], 0)[:rows]
     return weight.float() * expanded.repeat_interleave(block[1], 1)[:, :cols]
 
@@ -234,12 +237,46 @@ class ReferenceLoader:
         return model.eval().requires_grad_(False)
 
     def block(
-        self, i: int, *, dtype="bfloat16", device: str | torch.device = "cpu"
+        self,
+        i: int,
+        *,
+        dtype="bfloat16",
+        device: str | torch.device = "cpu",
+        stream_experts: bool = False,
     ) -> TransformerBlock:
-        """Block `i` alone (its tensors kept in memory for the next dtype: `_assign`)."""
+        """Block `i` alone (its tensors kept in memory for the next dtype: `_assign`). With
+        `stream_experts`, a fine-grained MoE block's routed experts are `StreamedExpert`s:
+        each reads its weights when it runs and drops them after."""
         with torch.device("meta"):
             block = make_block(self.args, i)
         prefix = f"layers.{i}."
         names = {name: prefix + name for name in layer_spec(self.args, i)}
+        if stream_experts and block.moe is not None:
+            for e in range(len(block.experts)):  # in place: the block's MoE runs this list
+                block.experts[e] = StreamedExpert(self, f"{prefix}experts.{e}.", dtype, device)
+            names = {k: v for k, v in names.items() if not k.startswith("experts.")}
         self._assign(block, names, dtype, device, keep=True)
         return block.eval().requires_grad_(False)
+
+    def expert(self, prefix: str, *, dtype, device) -> FeedForward:
+        """The routed expert whose tensors are named `prefix`w1.weight, … (read now)."""
+        with torch.device("meta"):
+            expert = FeedForward(self.args, self.args.moe.expert_hidden_dim)
+        names = {f"{w}.weight": f"{prefix}{w}.weight" for w in ("w1", "w2", "w3")}
+        self._assign(expert, names, dtype, device)
+        return expert.eval().requires_grad_(False)
+
+
+class StreamedExpert(torch.nn.Module):
+    """A routed expert that reads its weights from the checkpoint each time it runs on some
+    token, and drops them after: one Mistral Large 3 layer's routed experts are ≈ 11 GB in
+    FP8, 90 GB in float64. The MoE's own loop runs it as it runs a held expert."""
+
+    def __init__(self, loader: ReferenceLoader, prefix: str, dtype, device):
+        super().__init__()
+        self.loader, self.prefix, self.dtype, self.device = loader, prefix, dtype, device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:  # chosen by no token: an expert maps dim to dim
+            return x.new_zeros(x.shape)
+        return self.loader.expert(self.prefix, dtype=self.dtype, device=self.device)(x)

@@ -28,6 +28,7 @@ from checkpoint.pieces import BLOCK_INPUT, BLOCK_OUTPUT, recorded, run_pieces
 from model_jax.generate import bucket
 from model_jax.loading import PortLoader, skeleton
 from reference_torch.loading import ReferenceLoader
+from verify.expert_stream import ExpertStream
 from verify.implementation import WHOLE_BLOCK, PieceOutputs, Values
 
 
@@ -38,10 +39,13 @@ def padded_length(n: int) -> int:
 
 
 class Group(NamedTuple):
-    """One scan step's blocks as an implementation holds them, and their compute dtype."""
+    """One scan step's blocks as an implementation holds them, and their compute dtype;
+    `layers`: their layer numbers where their routed experts are read on demand (streamed
+    within a layer), else empty."""
 
     blocks: Any
     dtype: Any
+    layers: tuple[int, ...] = ()
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
@@ -56,9 +60,10 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 class TorchRunner:
     """The reference (official folder)."""
 
-    def __init__(self, folder: Path, device: str):
+    def __init__(self, folder: Path, device: str, stream_experts: bool = False):
+        """`stream_experts`: blocks hold their routed experts' weights only while they run."""
         self.loader = ReferenceLoader(folder)
-        self.args, self.device = self.loader.args, device
+        self.args, self.device, self.stream_experts = self.loader.args, device, stream_experts
 
     def model(self, dtype: str) -> reference_torch.Transformer:
         return self.loader.model(dtype=dtype, device=self.device)
@@ -68,7 +73,10 @@ class TorchRunner:
 
     def group(self, g: int, dtype: str) -> Group:
         blocks = [
-            self.loader.block(i, dtype=dtype, device=self.device) for i in self.args.layer_groups[g]
+            self.loader.block(
+                i, dtype=dtype, device=self.device, stream_experts=self.stream_experts
+            )
+            for i in self.args.layer_groups[g]
         ]
         return Group(blocks, torch_dtype(dtype))
 
@@ -142,9 +150,12 @@ class JaxRunner:
     causal: padding cannot change earlier positions), so prompts of similar lengths share one
     compilation, as `model_jax.generate` does."""
 
-    def __init__(self, folder: Path, mesh: Mesh | None = None):
+    def __init__(self, folder: Path, mesh: Mesh | None = None, stream_experts: bool = False):
+        """`stream_experts`: fine-grained MoE blocks read their routed experts a few at a time
+        while they run (`verify.expert_stream`)."""
         self.loader = PortLoader(folder)
         self.args, self.mesh = self.loader.args, mesh
+        self.experts = ExpertStream(self.loader, mesh) if stream_experts else None
 
     def model(self, dtype: str) -> model_jax.Transformer:
         return self.loader.model(dtype=dtype, mesh=self.mesh)
@@ -153,7 +164,14 @@ class JaxRunner:
         return self.loader.shell(part, dtype=dtype, mesh=self.mesh)
 
     def group(self, g: int, dtype: str) -> Group:
-        return Group(self.loader.group(g, dtype=dtype, mesh=self.mesh), jnp.dtype(jax_dtype(dtype)))
+        routed = self.experts is None
+        blocks = self.loader.group(g, dtype=dtype, mesh=self.mesh, routed_experts=routed)
+        streamed = not routed and blocks.moe is not None
+        layers = tuple(self.args.layer_groups[g]) if streamed else ()
+        return Group(blocks, jnp.dtype(jax_dtype(dtype)), layers)
+
+    def _block(self, group: Group, k: int):
+        return jax_model.group_block(group.blocks, k, self.args.window_pattern[k])
 
     def _place(self, x: np.ndarray, dtype) -> jax.Array:
         """x on the device (replicated over the mesh), padded to its length bucket; floats in
@@ -188,19 +206,53 @@ class JaxRunner:
 
     def run_group(self, group, h: np.ndarray, start: int = 0) -> list[np.ndarray]:
         placed = self._place(h, group.dtype)
-        outs = _compiled(self.args, group.dtype).run_group(group.blocks, placed, jnp.int32(start))
-        return [self._fetch(out, len(h)) for out in outs]
+        compiled = _compiled(self.args, group.dtype)
+        if not group.layers:
+            outs = compiled.run_group(group.blocks, placed, jnp.int32(start))
+            return [self._fetch(out, len(h)) for out in outs]
+        outs = []
+        for k, layer in enumerate(group.layers):
+            given = {BLOCK_INPUT: placed} | compiled.context(placed.shape[0], jnp.int32(start))
+            placed = self.experts.run(self._block(group, k), layer, given, len(h))[BLOCK_OUTPUT]
+            outs.append(self._fetch(placed, len(h)))
+        return outs
 
     def trace(self, group, k: int, x: np.ndarray, start: int = 0) -> Values:
         placed = self._place(x, group.dtype)
-        values = _compiled(self.args, group.dtype).trace(group.blocks, k, placed, jnp.int32(start))
+        compiled = _compiled(self.args, group.dtype)
+        if not group.layers:
+            values = compiled.trace(group.blocks, k, placed, jnp.int32(start))
+        else:
+            given = {BLOCK_INPUT: placed} | compiled.context(placed.shape[0], jnp.int32(start))
+            values = recorded(
+                self.experts.run(self._block(group, k), group.layers[k], given, len(x))
+            )
         return {name: self._fetch(value, len(x)) for name, value in values.items()}
 
     def pieces(self, group, k: int, values: Values, start: int = 0) -> PieceOutputs:
         placed = {name: self._place(value, group.dtype) for name, value in values.items()}
-        out = _compiled(self.args, group.dtype).pieces(group.blocks, k, placed, jnp.int32(start))
+        compiled = _compiled(self.args, group.dtype)
         n = len(values[BLOCK_INPUT])
+        if not group.layers:
+            out = compiled.pieces(group.blocks, k, placed, jnp.int32(start))
+        else:
+            out = self._streamed_pieces(
+                group,
+                k,
+                placed,
+                compiled.context(placed[BLOCK_INPUT].shape[0], jnp.int32(start)),
+                n,
+            )
         return {name: {o: self._fetch(v, n) for o, v in outputs.items()} for name, outputs in out}
+
+    def _streamed_pieces(self, group, k: int, placed: dict, context: dict, n: int) -> list:
+        """As `_Compiled.pieces`, the routed experts read on demand."""
+        block, layer = self._block(group, k), group.layers[k]
+        given = placed | context
+        judged = tuple(p.name for p in block.pieces() if p.judged)
+        out = self.experts.each(block, layer, given, judged, n)
+        whole = self.experts.run(block, layer, {BLOCK_INPUT: placed[BLOCK_INPUT]} | context, n)
+        return [*out, (WHOLE_BLOCK, {BLOCK_OUTPUT: whole[BLOCK_OUTPUT]})]
 
 
 @eqx.filter_jit
@@ -226,12 +278,12 @@ class _Compiled:
         self.trace = eqx.filter_jit(self._trace)
         self.pieces = eqx.filter_jit(self._pieces)
 
-    def _context(self, n: int, start) -> dict:
+    def context(self, n: int, start) -> dict:
         positions = start + jnp.arange(n)
         return {"rope": self.shape_only.rotary(positions), "positions": positions, "cached": None}
 
     def _run_group(self, group, x, start):
-        context = self._context(x.shape[0], start)
+        context = self.context(x.shape[0], start)
         return jax_model.run_group(group, self.pattern, x, context["rope"], context["positions"])[0]
 
     def _block(self, group, k):
@@ -239,12 +291,12 @@ class _Compiled:
 
     def _trace(self, group, k, x, start):
         block = self._block(group, k)
-        values = run_pieces(block.pieces(), {BLOCK_INPUT: x} | self._context(x.shape[0], start))
+        values = run_pieces(block.pieces(), {BLOCK_INPUT: x} | self.context(x.shape[0], start))
         return recorded(values)
 
     def _pieces(self, group, k, values, start):
         block = self._block(group, k)
-        given = values | self._context(values[BLOCK_INPUT].shape[0], start)
+        given = values | self.context(values[BLOCK_INPUT].shape[0], start)
         out = [(p.name, p(given)) for p in block.pieces() if p.judged]  # a list keeps the order
         whole = block(given[BLOCK_INPUT], given["rope"], given["positions"])[0]
         return [*out, (WHOLE_BLOCK, {BLOCK_OUTPUT: whole})]
