@@ -31,11 +31,11 @@ class ExpertStream:
     def run(self, block, layer: int, values: dict, n: int) -> dict:
         """Every piece of `block` in order from `values` (its input and context), as its
         forward runs them; every value computed. `n`: the real (unpadded) tokens."""
-        names = [p.name for p in block.pieces()]
+        pieces = block.pieces()
+        names = [p.name for p in pieces]
         at = names.index(EXPERTS)
         values = values | _run(block, tuple(names[:at]), values)
-        (piece,) = [p for p in block.pieces() if p.name == EXPERTS]
-        values |= self._mix(block, layer, piece, values, n)
+        values |= self._mix(block, layer, pieces[at], values, n)
         return values | _run(block, tuple(names[at + 1 :]), values)
 
     def each(self, block, layer: int, given: dict, names: tuple[str, ...], n: int) -> list:
