@@ -3,10 +3,9 @@ scales."""
 
 import jax
 
-from verify.backends import fp32_matmul_factor
+from verify.backends import backend_note, fp32_matmul_factor, scaled_fp32
 from verify.gates import Thresholds
 from verify.metrics import TokenRatio
-from verify.run import _backend_note, _scaled_fp32
 
 
 def test_the_factor_is_measured_deterministically_and_never_tightens():
@@ -18,7 +17,7 @@ def test_the_factor_is_measured_deterministically_and_never_tightens():
 def test_the_free_running_fp32_limit_scales_with_it_and_the_report_says_so():
     ratio = TokenRatio(1.0, 4.0, 0.1)
     base = Thresholds()
-    scaled = _scaled_fp32(base, 3.0)
+    scaled = scaled_fp32(base, 3.0)
     assert scaled.fp32_limit(ratio) == 3.0 * base.fp32_limit(ratio)
     assert scaled.teacher_forced_fp32_error == base.teacher_forced_fp32_error  # only free fp32
-    assert "× 3.00" in _backend_note(3.0, 14336)[0] and _backend_note(1.0, 64) == []
+    assert "× 3.00" in backend_note(3.0, 14336)[0] and backend_note(1.0, 64) == []

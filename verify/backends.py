@@ -13,11 +13,16 @@ run on the model's longest reduction, with products computed as the two models c
 not tighten the gate.
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
 from jax import lax
+
+from checkpoint.args import ModelArgs
+from verify.gates import Thresholds
 
 ROWS, COLUMNS = 16, 512  # tokens × outputs of the probe product: a few seconds at K = 28672
 
@@ -46,3 +51,31 @@ def fp32_matmul_factor(k: int, torch_device: str, jax_device) -> float:
 @jax.jit
 def _jax_linear(x, w):
     return jnp.matmul(x, w.T, precision=lax.Precision.HIGHEST)
+
+
+def backend_factor(args: ModelArgs, torch_device: str, jax_device) -> tuple[float, int]:
+    """How much less accurately the port's backend sums an fp32 matmul than the reference's
+    (verify/backends.py), on the model's longest reduction; and that length."""
+    reduction = max(args.dim, args.hidden_dim, args.n_heads * (args.v_head_dim or args.head_dim))
+    if args.moe is not None and args.moe.expert_hidden_dim:
+        reduction = max(reduction, args.moe.expert_hidden_dim)
+    return fp32_matmul_factor(reduction, torch_device, jax_device), reduction
+
+
+def scaled_fp32(t: Thresholds, factor: float) -> Thresholds:
+    """The free-running fp32 limit (base and token noise) × the backends' accuracy factor."""
+    return dataclasses.replace(
+        t,
+        free_fp32_ratio=t.free_fp32_ratio * factor,
+        fp32_token_noise=t.fp32_token_noise * factor,
+    )
+
+
+def backend_note(factor: float, reduction: int) -> list[str]:
+    if factor <= 1.0:
+        return []
+    return [
+        f"fp32 backends: the port's matmul sums {reduction} products {factor:.2f}× less "
+        "accurately than the reference's (against float64, verify/backends.py), so the "
+        f"free-running fp32 limit is × {factor:.2f} (the thresholds shown include it)"
+    ]
