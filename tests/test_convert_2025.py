@@ -35,7 +35,8 @@ from checkpoint.tiny import (
 from convert import fp8, stream
 from convert.check import check_converted
 from convert.cli import main as convert_cli
-from convert.convert import WHY_DEQUANTIZED, WHY_HF_TEXT, WHY_TEXT_ONLY, convert_checkpoint
+from convert.convert import convert_checkpoint
+from convert.plan import WHY_DEQUANTIZED, WHY_HF_TEXT, WHY_TEXT_ONLY
 
 SMALL_31 = tiny_args(
     vocab_size=131072,
