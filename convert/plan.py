@@ -6,8 +6,8 @@ import dataclasses
 
 from checkpoint.args import ModelArgs
 from checkpoint.errors import CheckpointError
-from checkpoint.hf import interleaved_to_halves, rotary_heads, to_hf_name
 from checkpoint.hf_mistral4 import stacked_experts
+from checkpoint.hf_names import interleaved_to_halves, rotary_heads, to_hf_name
 from checkpoint.spec import FP8
 from checkpoint.tensors import NUMPY_DTYPES, TensorRecord
 from convert.sources import Source, Transform

@@ -18,7 +18,8 @@ from checkpoint.folder import (
     raise_spec_problems,
     read_sharded_table,
 )
-from checkpoint.hf import args_from_hf_config, from_hf_names, halves_to_interleaved, rotary_heads
+from checkpoint.hf import args_from_hf_config
+from checkpoint.hf_names import from_hf_names, halves_to_interleaved, rotary_heads
 from checkpoint.safetensors_file import read_safetensors_table
 from checkpoint.spec import Roles
 from checkpoint.tensors import TensorRecord

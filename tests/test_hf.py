@@ -13,7 +13,8 @@ from support import random_tokens, relative_error, tiny_args
 import reference_torch
 from checkpoint.args import MoeArgs
 from checkpoint.folder import open_folder
-from checkpoint.hf import halves_to_interleaved, hf_config, interleaved_to_halves
+from checkpoint.hf import hf_config
+from checkpoint.hf_names import halves_to_interleaved, interleaved_to_halves
 from checkpoint.presets import PRESETS
 from checkpoint.tiny import copy_tokenizer
 from convert.check import check_converted

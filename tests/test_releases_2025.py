@@ -21,7 +21,7 @@ import model_jax.attention as jax_attention
 import model_jax.cli as generate_cli
 import model_jax.model as jax_model
 import reference_torch
-from checkpoint.hf import interleaved_to_halves
+from checkpoint.hf_names import interleaved_to_halves
 from checkpoint.sections import Llama4ScalingArgs, QuantizationArgs, YarnArgs
 from checkpoint.tensors import TensorRecord
 from checkpoint.tiny import (
