@@ -78,7 +78,15 @@ LARGE_3_LAYER = dataclasses.replace(
     moe=dataclasses.replace(_LARGE_3.moe, first_k_dense_replace=0),
     quantization_config=BlockFP8Args(**block_fp8_config((128, 128))),
 )
-FP8_LAYERS = {"ministral-3-14b": MINISTRAL_3_14B, "large-3": LARGE_3_LAYER}
+# Its first layer (dense: MLA and a 16384-wide FFN) with the whole 131072-entry vocabulary.
+LARGE_3_DENSE_LAYER = dataclasses.replace(
+    _LARGE_3, quantization_config=BlockFP8Args(**block_fp8_config((128, 128)))
+)
+FP8_LAYERS = {
+    "ministral-3-14b": MINISTRAL_3_14B,
+    "large-3": LARGE_3_LAYER,
+    "large-3-dense": LARGE_3_DENSE_LAYER,
+}
 # Linears a block-FP8 release leaves unquantized (Large 3: the latent projections' first
 # halves, fused in serving, and the router).
 BLOCK_FP8_UNQUANTIZED = ("wq_a", "wkv_a_with_mqa", ".gate.")

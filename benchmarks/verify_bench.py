@@ -8,11 +8,13 @@ peak RSS (wait4). Prints a table; `--json FILE` writes the figures.
     python benchmarks/verify_bench.py --n-layers 2 --keep
     python benchmarks/verify_bench.py --builtin-prompts --keep   # verify's own prompt set
     python benchmarks/verify_bench.py --fp8-layer large-3 --vocab-size 32768 --keep
+    python benchmarks/verify_bench.py --fp8-layer large-3-dense --keep
 
 `--fp8-layer large-3`: one full-width Mistral Large 3 MoE layer in its release format (block
 FP8, 128 routed experts; `convert_bench.py`), streamed within the layer; `--vocab-size` cuts
-the vocabulary (the embeddings and head are not the layer: at 131072 the float64 reference's
-head alone is 7.5 GB).
+the vocabulary. `large-3-dense`: its first layer (dense) with the whole 131072-entry
+vocabulary, whose float64 head alone would be 7.5 GB: streamed, read in slices
+(`verify/vocab.py`).
 """
 
 import argparse

@@ -88,6 +88,12 @@ def shell_modules(args: ModelArgs, part: str) -> tuple[str, ...]:
     raise ValueError(f"part must be 'embed' or 'head', got {part!r}")
 
 
+def vocab_table(args: ModelArgs, part: str) -> str:
+    """The module of `part` (`shell_modules`) with one row per vocabulary entry: the
+    embeddings, or the head (the embeddings, where the head is tied to them)."""
+    return shell_modules(args, part)[-1]
+
+
 # Tensors a multimodal folder keeps beside the text decoder (carried into OUT, loaded by none).
 VISION_PREFIXES = (
     "vision_encoder.",

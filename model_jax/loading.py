@@ -24,7 +24,7 @@ from checkpoint.args import ModelArgs
 from checkpoint.dtypes import jax_dtype
 from checkpoint.errors import CheckpointError
 from checkpoint.folder import CheckpointFolder, open_folder
-from checkpoint.spec import shell_modules, tensor_spec
+from checkpoint.spec import shell_modules, tensor_spec, vocab_table
 from model_jax.model import FeedForward, Linear, Transformer, TransformerBlock
 from model_jax.sharding import sharded_array
 from model_jax.structure import LeafSpec, leaf_specs
@@ -140,13 +140,31 @@ class PortLoader:
         assert used == wanted, f"tensors not placed in the model: {sorted(wanted - used)}"
         return model
 
-    def shell(self, part: str, *, dtype="bfloat16", mesh: Mesh | None = None) -> Transformer:
+    def shell(
+        self,
+        part: str,
+        *,
+        dtype="bfloat16",
+        mesh: Mesh | None = None,
+        rows: list[int] | None = None,
+    ) -> Transformer:
         """What `part` needs loaded ("embed": the embeddings; "head": the final norm and the
         head, `checkpoint.spec.shell_modules`); everything else shapes only (nothing
-        allocated), for running the model one block at a time."""
+        allocated), for running the model one block at a time. `rows` (ascending): only these
+        rows of its vocabulary table (`vocab_table`) are read, and the shell's table holds
+        them in that order."""
         modules = shell_modules(self.args, part)
         wanted = lambda spec: spec.path[0].name in modules  # noqa: E731
-        model, _ = self._fill(self.skeleton(dtype), mesh, wanted, self.layout)
+        shapes, chosen = self.skeleton(dtype), {}
+        if rows is not None:
+            table = vocab_table(self.args, part)
+            if f"{table}.weight" in self.fp8:
+                raise ValueError(f"{table}: the rows of an FP8 table are not read alone")
+            leaf = getattr(shapes, table).weight
+            narrowed = jax.ShapeDtypeStruct((len(rows), *leaf.shape[1:]), leaf.dtype)
+            shapes = eqx.tree_at(lambda m: getattr(m, table).weight, shapes, narrowed)
+            chosen = {f"{table}.weight": np.asarray(rows)}
+        model, _ = self._fill(shapes, mesh, wanted, self.layout, chosen)
         return model
 
     def group(
@@ -210,9 +228,17 @@ class PortLoader:
 
         return wanted
 
-    def _fill(self, shapes, mesh, wanted: Callable[[LeafSpec], bool], layout: dict):
+    def _fill(
+        self,
+        shapes,
+        mesh,
+        wanted: Callable[[LeafSpec], bool],
+        layout: dict,
+        rows: dict[str, np.ndarray] | None = None,
+    ):
         """`shapes` with its wanted leaves read from the checkpoint; the names used. `layout`:
-        each stack of blocks' first layer and length."""
+        each stack of blocks' first layer and length; `rows`: tensors read in these rows
+        only."""
         leaves, treedef = jax.tree_util.tree_flatten(shapes)
         filled, used = [], set()
         for spec, leaf in zip(leaf_specs(shapes), leaves, strict=True):
@@ -221,11 +247,18 @@ class PortLoader:
                 continue
             names = leaf_names(spec, self.args, layout)
             used.update(names.flat)
-            filled.append(self._read(names, spec, leaf, mesh))
+            filled.append(self._read(names, spec, leaf, mesh, rows or {}))
         return jax.tree_util.tree_unflatten(treedef, filled), used
 
-    def _read(self, names: np.ndarray, spec: LeafSpec, leaf, mesh: Mesh | None) -> jax.Array:
+    def _read(
+        self, names: np.ndarray, spec: LeafSpec, leaf, mesh: Mesh | None, rows: dict
+    ) -> jax.Array:
         records = self.checkpoint.tensors
+
+        def stored(name: str) -> np.ndarray:
+            """The tensor's file mapping, or only its chosen rows."""
+            array = records[name].array()
+            return array[rows[name]] if name in rows else array
 
         tail = leaf.shape[names.ndim :]  # each tensor's own shape in the model
 
@@ -234,7 +267,7 @@ class PortLoader:
             lead, rest = index[: names.ndim], index[names.ndim :]
             chosen = names[lead] if names.ndim else names
             # A per-tensor scale may be stored 0-d or with one element: the model holds [1].
-            block = [records[n].array().reshape(tail)[rest] for n in np.ravel(chosen)]
+            block = [stored(n).reshape(tail)[rest] for n in np.ravel(chosen)]
             # Copied out of the file's mapping and cast in one pass, on the host (a cast on
             # the device would compile one program per tensor shape).
             stacked = np.stack(block, dtype=leaf.dtype, casting="unsafe")

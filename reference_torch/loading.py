@@ -22,7 +22,7 @@ from checkpoint.dtypes import torch_dtype
 from checkpoint.errors import CheckpointError, describe, reading
 from checkpoint.folder import raise_spec_problems, read_weight_map, weights_entry
 from checkpoint.pth import check_pickle_size
-from checkpoint.spec import FP8, layer_spec, shell_modules, tensor_spec
+from checkpoint.spec import FP8, layer_spec, shell_modules, tensor_spec, vocab_table
 from reference_torch.model import FeedForward, Transformer, TransformerBlock, make_block
 
 # An IEEE float is NaN or Inf exactly when its exponent bits are all ones.
@@ -64,6 +64,14 @@ class _Tensors:
                 tensors |= {name: state[name] for name in wanted}
             yield tensors
 
+    def rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows `rows` (ascending) of tensor `name`, copied out of its file: only they are
+        read."""
+        with self._open(self.files[name]) as state:
+            if isinstance(state, _SafetensorsState):
+                return state.rows(name, rows)
+            return state[name][torch.tensor(rows)]  # the mapping's pages of these rows only
+
     def shapes(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """name → (shape, safetensors dtype name)."""
         with self.read(list(self.files)) as tensors:
@@ -101,6 +109,15 @@ class _SafetensorsState(Mapping):
 
     def __iter__(self):
         return iter(self._names)
+
+    def rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows `rows` (ascending) of tensor `name`, each run of consecutive rows one read."""
+        tensor, runs, first = self._handle.get_slice(name), [], 0
+        for k in range(1, len(rows) + 1):
+            if k == len(rows) or rows[k] != rows[k - 1] + 1:
+                runs.append(tensor[rows[first] : rows[k - 1] + 1])
+                first = k
+        return torch.cat(runs)
 
     def __len__(self) -> int:
         return len(self._names)
@@ -226,15 +243,39 @@ class ReferenceLoader:
         return model.eval().requires_grad_(False)
 
     def shell(
-        self, part: str, *, dtype="bfloat16", device: str | torch.device = "cpu"
+        self,
+        part: str,
+        *,
+        dtype="bfloat16",
+        device: str | torch.device = "cpu",
+        rows: list[int] | None = None,
     ) -> Transformer:
         """What `part` needs loaded ("embed": the embeddings; "head": the final norm and the
-        head, `checkpoint.spec.shell_modules`); everything else stays on the meta device."""
+        head, `checkpoint.spec.shell_modules`); everything else stays on the meta device.
+        `rows` (ascending): only these rows of its vocabulary table (`vocab_table`) are read,
+        and the shell's table holds them in that order."""
         with torch.device("meta"):
             model = Transformer(self.args)
         shell = {f"{m}.weight": f"{m}.weight" for m in shell_modules(self.args, part)}
+        if rows is not None:
+            table = vocab_table(self.args, part)
+            weight = self._rows(shell.pop(f"{table}.weight"), rows)
+            getattr(model, table).weight = torch.nn.Parameter(
+                weight.to(device=device, dtype=torch_dtype(dtype)), requires_grad=False
+            )
         self._assign(model, shell, dtype, device, strict=False)
         return model.eval().requires_grad_(False)
+
+    def _rows(self, name: str, rows: list[int]) -> torch.Tensor:
+        """Rows `rows` of tensor `name` in its stored dtype (an FP8 one dequantized whole,
+        then chosen); CheckpointError if they hold NaN or Inf."""
+        if name in self._scales:
+            with self._stored((name,)) as stored:
+                return stored[name][torch.tensor(rows)]
+        tensor = self._tensors.rows(name, rows)
+        if name not in self._finite and not all_finite(tensor):
+            raise CheckpointError(self._tensors.files[name], f"tensor {name} is not finite")
+        return tensor
 
     def block(
         self,

@@ -171,10 +171,11 @@ class MemoReference(runners.TorchRunner):
             lambda: self._loaded("model", dtype, runners.TorchRunner.model(self, dtype)),
         )
 
-    def shell(self, part, dtype):
+    def shell(self, part, dtype, rows=None):
+        what = (part, None if rows is None else tuple(rows))  # an embed call's ids index rows
         return self._memo(
-            ("shell", part, dtype),
-            lambda: self._loaded(part, dtype, runners.TorchRunner.shell(self, part, dtype)),
+            ("shell", *what, dtype),
+            lambda: self._loaded(what, dtype, runners.TorchRunner.shell(self, part, dtype, rows)),
         )
 
     def group(self, g, dtype):

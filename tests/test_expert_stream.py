@@ -44,7 +44,7 @@ def _outputs(runner, dtype: str) -> list[dict]:
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_the_reference_streamed_computes_exactly_what_it_computes_holding_them(folder, dtype):
     held = _outputs(TorchRunner(folder / "src", "cpu"), dtype)
-    streamed = _outputs(TorchRunner(folder / "src", "cpu", stream_experts=True), dtype)
+    streamed = _outputs(TorchRunner(folder / "src", "cpu", streamed=True), dtype)
     for a, b in zip(held, streamed, strict=True):
         assert a.keys() == b.keys()
         for name in a:
@@ -57,7 +57,7 @@ def test_the_port_streamed_adds_the_same_terms_in_the_same_order(folder, dtype):
     order: the held block's sums, term for term (the grouped matmul sees fewer rows, which
     XLA may block differently: within one rounding of the dtype)."""
     held = _outputs(JaxRunner(folder / "out"), dtype)
-    streamed = _outputs(JaxRunner(folder / "out", stream_experts=True), dtype)
+    streamed = _outputs(JaxRunner(folder / "out", streamed=True), dtype)
     ulp = float(np.finfo(np.float32).eps) if dtype == "float32" else 2.0**-8
     for a, b in zip(held, streamed, strict=True):
         assert a.keys() == b.keys()
@@ -70,8 +70,8 @@ def test_the_port_streamed_adds_the_same_terms_in_the_same_order(folder, dtype):
 
 
 def test_streamed_blocks_hold_no_routed_expert_and_read_only_the_chosen_ones(folder, monkeypatch):
-    port = JaxRunner(folder / "out", stream_experts=True)
-    ref = TorchRunner(folder / "src", "cpu", stream_experts=True)
+    port = JaxRunner(folder / "out", streamed=True)
+    ref = TorchRunner(folder / "src", "cpu", streamed=True)
     port_group, ref_group = port.group(ROUTED_GROUP, "float32"), ref.group(ROUTED_GROUP, "float32")
     assert port_group.blocks.experts is None and port_group.layers == (1,)
     names = [n for n, _ in ref_group.blocks[0].named_parameters()]

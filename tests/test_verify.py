@@ -20,6 +20,8 @@ import model_jax.model
 from checkpoint.tensors import TensorRecord
 from checkpoint.tiny import random_state_dict, write_tiny_checkpoint
 from convert.convert import convert_checkpoint
+from reference_torch.loading import ReferenceLoader
+from verify import vocab
 from verify.cli import main as verify_cli
 from verify.results import REPORT_FORMAT
 from verify.run import run_verification
@@ -115,6 +117,35 @@ def test_a_bug_in_the_ports_reader_does_not_cancel_out(clean, monkeypatch, strea
     monkeypatch.setattr(TensorRecord, "array", buggy)
     result = run_verification(source, out, prompts=PROMPTS, stream_layers=stream, max_new_tokens=4)
     assert result.verdict == "fail" and result.first_failing_layer == 2, result.reasons
+
+
+@pytest.mark.slow
+def test_reading_the_vocabulary_in_parts_keeps_every_figure(clean, monkeypatch):
+    """Streamed with the head read 4096 rows at a time (8 slices of the 32000) and the
+    embeddings for the prompts' tokens only: the same verdict and figures as the whole
+    tables; the logits' fp32 figures move only in the float64 truth's summation order."""
+    source, out = clean
+    read, shell = [], ReferenceLoader.shell
+
+    def spied(self, part, **kwargs):
+        read.append((part, None if kwargs.get("rows") is None else len(kwargs["rows"])))
+        return shell(self, part, **kwargs)
+
+    monkeypatch.setattr(ReferenceLoader, "shell", spied)
+    reports = []
+    for head_bytes in (vocab.HEAD_BYTES, 8 * ARGS.dim * 4096):
+        monkeypatch.setattr(vocab, "HEAD_BYTES", head_bytes)
+        reports.append(
+            run_verification(source, out, prompts=PROMPTS, stream_layers=True, max_new_tokens=4)
+        )
+    whole, parts = reports
+    assert ("head", 4096) in read and ("head", 32000 - 7 * 4096) in read
+    assert ("embed", None) in read
+    assert any(part == "embed" and n is not None and n < 100 for part, n in read)  # prompts'
+    assert whole.verdict == parts.verdict == "pass"
+    assert whole.layers == parts.layers and whole.final_norm == parts.final_norm
+    assert whole.logits.metrics == parts.logits.metrics and whole.generation == parts.generation
+    assert parts.logits.fp32_error == pytest.approx(whole.logits.fp32_error, rel=1e-6)
 
 
 @pytest.mark.slow

@@ -30,6 +30,7 @@ from checkpoint.pieces import BLOCK_OUTPUT
 from verify.implementation import WHOLE_BLOCK, Implementation, PieceOutputs, Values
 from verify.metrics import ErrorSums, MismatchSums, StateMetrics, error_scale, state_metrics
 from verify.routing import fragile_tokens
+from verify.vocab import embed_prompts, head_states
 
 States = dict[str, list[np.ndarray]]  # stream → one array per prompt
 REFERENCE_STREAMS = ("R16", "R32", "R64")
@@ -142,11 +143,8 @@ def drift(
     def peer_at(k: int) -> dict | None:
         return None if peer is None else {d: [p[k] for p in per] for d, per in peer.items()}
 
-    embedded = {}
-    for s in stepped:  # one embedding table at a time
-        shell = runner_of[s].shell("embed", streams[s])
-        embedded[s] = [runner_of[s].embed(shell, p) for p in prompts]
-        del shell
+    # one embedding table at a time
+    embedded = {s: embed_prompts(runner_of[s], streams[s], prompts) for s in stepped}
     states = current(0, embedded)
     _check_reference(ref, states, "the embeddings")
     rerouted = [np.zeros(len(h), bool) for h in states["R32"]]
@@ -162,11 +160,7 @@ def drift(
             layers.append(_layer(f"block {i}", i, states, dtype, run.sums[k], peer_block, rerouted))
             if on_block is not None:
                 on_block(i)
-    heads = {}
-    for s in stepped:
-        shell = runner_of[s].shell("head", streams[s])
-        heads[s] = [runner_of[s].head(shell, h) for h in states[s]]
-        del shell
+    heads = {s: head_states(runner_of[s], streams[s], states[s]) for s in stepped}
     normed = current(n_layers + 1, {s: [h[0] for h in heads[s]] for s in stepped})
     logits = {s: whole[s][1] for s in whole} | {s: [h[1] for h in heads[s]] for s in stepped}
     _check_reference(ref, normed, "the final norm")

@@ -21,6 +21,7 @@ from checkpoint.tokenizer import Tokenizer
 from verify.implementation import Implementation, WholeForward
 from verify.results import GenerationPrompt, GenerationResult
 from verify.runners import padded_length
+from verify.vocab import embed_prompts, head_states
 
 MARGIN_SIGMAS = 3.0  # binomial margin on the number of disagreements
 BF16_NOISE_SOURCES = 1  # measured: a faithful port flips as often as the reference's fp32 run
@@ -98,15 +99,12 @@ def streamed_top1(
     """The top-1 along each continuation of an implementation held one group at a time
     (the reference in fp32 while only its bf16 model was loaded whole)."""
     sequences = [p + ids[:-1] for p, ids in zip(prompts, continuations, strict=True)]
-    shell = runner.shell("embed", dtype)
-    states = [runner.embed(shell, s) for s in sequences]
-    del shell
+    states = embed_prompts(runner, dtype, sequences)
     for g in range(len(runner.args.layer_groups)):
         group = runner.group(g, dtype)
         states = [runner.run_group(group, h)[-1] for h in states]
         del group
-    shell = runner.shell("head", dtype)
-    logits = [runner.head(shell, h)[1] for h in states]
+    logits = [logits for _, logits in head_states(runner, dtype, states)]
     return [lg[len(p) - 1 :].argmax(-1) for lg, p in zip(logits, prompts, strict=True)]
 
 

@@ -42,9 +42,13 @@ class WholeForward(Protocol):
 class Implementation(WholeForward, Protocol):
     """An implementation verify can judge group by group and piece by piece."""
 
-    def shell(self, part: str, dtype: str) -> Any:
+    vocab_rows: int | None  # None: whole vocabulary tables; else read in parts (`verify.vocab`)
+
+    def shell(self, part: str, dtype: str, rows: list[int] | None = None) -> Any:
         """The model without its blocks, holding what `part` needs: "embed" (for `embed`) or
-        "head" (for `head`), as `checkpoint.spec.shell_modules` lists."""
+        "head" (for `head`), as `checkpoint.spec.shell_modules` lists; with `rows`
+        (ascending), its vocabulary table (`checkpoint.spec.vocab_table`) holds only those
+        rows, in that order."""
 
     def embed(self, shell: Any, tokens: list[int]) -> np.ndarray:
         """(T, dim) embeddings (an "embed" shell)."""

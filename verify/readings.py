@@ -17,6 +17,7 @@ from verify.drift import States
 from verify.metrics import ErrorSums, error_scale
 from verify.results import OtherReading
 from verify.runners import TorchRunner
+from verify.vocab import embed_prompts, head_states
 
 
 def other_reading_applies(args: ModelArgs) -> bool:
@@ -29,17 +30,14 @@ def hf_reading_logits(ref: TorchRunner, prompts: list[list[int]], starts: list[i
     """Per prompt, the reference's fp32 logits with every latent attention's softmax scale as
     HF transformers' Mistral4 reads it."""
     args = ref.args
-    shell = ref.shell("embed", "float32")
-    states = [ref.embed(shell, p) for p in prompts]
-    del shell
+    states = embed_prompts(ref, "float32", prompts)
     for g in range(len(args.layer_groups)):
         group = ref.group(g, "float32")
         for block in group.blocks:  # fresh modules: the change ends with this group
             block.attention.scale = softmax_scale(args, hf_reading=True)
         states = [ref.run_group(group, h, s)[-1] for h, s in zip(states, starts, strict=True)]
         del group
-    shell = ref.shell("head", "float32")
-    return [ref.head(shell, h)[1] for h in states]
+    return [logits for _, logits in head_states(ref, "float32", states)]
 
 
 def other_reading(

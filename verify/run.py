@@ -112,9 +112,9 @@ def run_verification(
     step = on_step or (lambda message: None)
     torch_device, jax_device = resolve_devices(device)
     # Streamed, a fine-grained MoE block's routed experts are read as they run, in both models.
-    ref = TorchRunner(reference, torch_device, stream_experts=stream_layers)
+    ref = TorchRunner(reference, torch_device, streamed=stream_layers)
     try:
-        port = JaxRunner(converted, mesh, stream_experts=stream_layers)
+        port = JaxRunner(converted, mesh, streamed=stream_layers)
     except CheckpointError as err:
         if checksum_problems := check_converted(converted):
             raise ChecksumFailure(checksum_problems, err) from None

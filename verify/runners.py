@@ -25,11 +25,13 @@ import model_jax.model as jax_model
 import reference_torch
 from checkpoint.dtypes import jax_dtype, torch_dtype
 from checkpoint.pieces import BLOCK_INPUT, BLOCK_OUTPUT, recorded, run_pieces
+from checkpoint.spec import vocab_table
 from model_jax.generate import bucket
 from model_jax.loading import PortLoader, skeleton
 from reference_torch.loading import ReferenceLoader
 from verify.expert_stream import ExpertStream
 from verify.implementation import WHOLE_BLOCK, PieceOutputs, Values
+from verify.vocab import head_rows
 
 
 def padded_length(n: int) -> int:
@@ -60,22 +62,24 @@ def _numpy(t: torch.Tensor) -> np.ndarray:
 class TorchRunner:
     """The reference (official folder)."""
 
-    def __init__(self, folder: Path, device: str, stream_experts: bool = False):
-        """`stream_experts`: blocks hold their routed experts' weights only while they run."""
+    def __init__(self, folder: Path, device: str, streamed: bool = False):
+        """`streamed`: blocks hold their routed experts' weights only while they run, and the
+        vocabulary tables are read in parts (`verify.vocab`)."""
         self.loader = ReferenceLoader(folder)
-        self.args, self.device, self.stream_experts = self.loader.args, device, stream_experts
+        self.args, self.device, self.streamed = self.loader.args, device, streamed
+        self.vocab_rows = _vocab_rows(self.args, self.loader.roles.quantized, streamed)
 
     def model(self, dtype: str) -> reference_torch.Transformer:
         return self.loader.model(dtype=dtype, device=self.device)
 
-    def shell(self, part: str, dtype: str) -> reference_torch.Transformer:
-        return self.loader.shell(part, dtype=dtype, device=self.device)
+    def shell(
+        self, part: str, dtype: str, rows: list[int] | None = None
+    ) -> reference_torch.Transformer:
+        return self.loader.shell(part, dtype=dtype, device=self.device, rows=rows)
 
     def group(self, g: int, dtype: str) -> Group:
         blocks = [
-            self.loader.block(
-                i, dtype=dtype, device=self.device, stream_experts=self.stream_experts
-            )
+            self.loader.block(i, dtype=dtype, device=self.device, stream_experts=self.streamed)
             for i in self.args.layer_groups[g]
         ]
         return Group(blocks, torch_dtype(dtype))
@@ -137,6 +141,13 @@ class TorchRunner:
         return {name: {o: _numpy(v) for o, v in outputs.items()} for name, outputs in out.items()}
 
 
+def _vocab_rows(args, quantized: tuple[str, ...], streamed: bool) -> int | None:
+    """`Implementation.vocab_rows`: streamed, `verify.vocab.head_rows`, unless a vocabulary
+    table is stored in FP8 (read whole, as its scales are)."""
+    tables = {f"{vocab_table(args, part)}.weight" for part in ("embed", "head")}
+    return head_rows(args) if streamed and not tables & set(quantized) else None
+
+
 @functools.cache
 def _shape_only(args, dtype: torch.dtype) -> reference_torch.Transformer:
     """The reference on the meta device in `dtype`: its `rotary` needs the config only."""
@@ -150,18 +161,21 @@ class JaxRunner:
     causal: padding cannot change earlier positions), so prompts of similar lengths share one
     compilation, as `model_jax.generate` does."""
 
-    def __init__(self, folder: Path, mesh: Mesh | None = None, stream_experts: bool = False):
-        """`stream_experts`: fine-grained MoE blocks read their routed experts a few at a time
-        while they run (`verify.expert_stream`)."""
+    def __init__(self, folder: Path, mesh: Mesh | None = None, streamed: bool = False):
+        """`streamed`: fine-grained MoE blocks read their routed experts a few at a time
+        while they run (`verify.expert_stream`), and the vocabulary tables are read in parts
+        (`verify.vocab`)."""
         self.loader = PortLoader(folder)
         self.args, self.mesh = self.loader.args, mesh
-        self.experts = ExpertStream(self.loader, mesh) if stream_experts else None
+        self.experts = ExpertStream(self.loader, mesh) if streamed else None
+        quantized = self.loader.checkpoint.roles.quantized
+        self.vocab_rows = _vocab_rows(self.args, quantized, streamed)
 
     def model(self, dtype: str) -> model_jax.Transformer:
         return self.loader.model(dtype=dtype, mesh=self.mesh)
 
-    def shell(self, part: str, dtype: str) -> model_jax.Transformer:
-        return self.loader.shell(part, dtype=dtype, mesh=self.mesh)
+    def shell(self, part: str, dtype: str, rows: list[int] | None = None) -> model_jax.Transformer:
+        return self.loader.shell(part, dtype=dtype, mesh=self.mesh, rows=rows)
 
     def group(self, g: int, dtype: str) -> Group:
         routed = self.experts is None
