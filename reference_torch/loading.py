@@ -253,7 +253,8 @@ class ReferenceLoader:
         """What `part` needs loaded ("embed": the embeddings; "head": the final norm and the
         head, `checkpoint.spec.shell_modules`); everything else stays on the meta device.
         `rows` (ascending): only these rows of its vocabulary table (`vocab_table`) are read,
-        and the shell's table holds them in that order."""
+        and the shell's table holds them in that order. The rest is kept in memory for the
+        next dtype, as a block's tensors are (`_assign`)."""
         with torch.device("meta"):
             model = Transformer(self.args)
         shell = {f"{m}.weight": f"{m}.weight" for m in shell_modules(self.args, part)}
@@ -263,7 +264,7 @@ class ReferenceLoader:
             getattr(model, table).weight = torch.nn.Parameter(
                 weight.to(device=device, dtype=torch_dtype(dtype)), requires_grad=False
             )
-        self._assign(model, shell, dtype, device, strict=False)
+        self._assign(model, shell, dtype, device, strict=False, keep=True)  # for the next dtype
         return model.eval().requires_grad_(False)
 
     def _rows(self, name: str, rows: list[int]) -> torch.Tensor:

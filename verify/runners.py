@@ -142,8 +142,9 @@ class TorchRunner:
 
 
 def _vocab_rows(args, quantized: tuple[str, ...], streamed: bool) -> int | None:
-    """`Implementation.vocab_rows`: streamed, `verify.vocab.head_rows`, unless a vocabulary
-    table is stored in FP8 (read whole, as its scales are)."""
+    """`Implementation.vocab_rows`: streamed, `verify.vocab.head_rows` (all of them where the
+    float64 head is small), unless a vocabulary table is stored in FP8 (read whole, as its
+    scales are)."""
     tables = {f"{vocab_table(args, part)}.weight" for part in ("embed", "head")}
     return head_rows(args) if streamed and not tables & set(quantized) else None
 

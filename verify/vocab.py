@@ -1,7 +1,8 @@
 """The vocabulary tables read a part at a time when verify streams (`--stream-layers`): a
 Mistral Large 3 or Small 3 head of 131,072 rows is 7.5 GB (resp. 5 GB) in float64, the dtype
-of the reference's truth. The embeddings are read for the prompts' tokens only; the head a
-slice of rows at a time, every prompt run through each slice before the next is read.
+of the reference's truth. The embeddings are read for the prompts' tokens only; a head whose
+float64 copy exceeds `HEAD_BYTES` a slice of rows at a time, every prompt run through each
+slice before the next is read.
 
 The shell with its table narrowed to some rows is the model's own: `embed` looks up each token
 at its row in the narrowed table, `head` computes those rows' logits with the same norm and
@@ -21,18 +22,18 @@ HEAD_BYTES = 1 << 30  # float64 bytes of the head read at once: a 7B's (32768 ×
 ROW_MULTIPLE = 256  # slices a multiple of these rows: whole over a mesh's vocabulary axis
 
 
-def head_rows(args: ModelArgs) -> int | None:
-    """Rows of the head read at once: None (all of them) where the float64 head fits
-    `HEAD_BYTES`, else the most within it, a multiple of `ROW_MULTIPLE`."""
+def head_rows(args: ModelArgs) -> int:
+    """Rows of the head read at once: all of them where the float64 head fits `HEAD_BYTES`,
+    else the most within it, a multiple of `ROW_MULTIPLE`."""
     rows = HEAD_BYTES // (8 * args.dim)
     if rows >= args.vocab_size:
-        return None
+        return args.vocab_size
     return max(ROW_MULTIPLE, rows // ROW_MULTIPLE * ROW_MULTIPLE)
 
 
 def embed_prompts(runner: Implementation, dtype: str, prompts: list[list[int]]) -> list:
-    """Each prompt's embeddings (T, dim); with `runner.vocab_rows`, only the prompts' tokens'
-    rows read."""
+    """Each prompt's embeddings (T, dim); with `runner.vocab_rows` (streamed), only the
+    prompts' tokens' rows read."""
     if runner.vocab_rows is None:
         shell = runner.shell("embed", dtype)
         return [runner.embed(shell, p) for p in prompts]
