@@ -254,20 +254,23 @@ class PortLoader:
         self, names: np.ndarray, spec: LeafSpec, leaf, mesh: Mesh | None, rows: dict
     ) -> jax.Array:
         records = self.checkpoint.tensors
-
-        def stored(name: str) -> np.ndarray:
-            """The tensor's file mapping, or only its chosen rows."""
-            array = records[name].array()
-            return array[rows[name]] if name in rows else array
-
         tail = leaf.shape[names.ndim :]  # each tensor's own shape in the model
+
+        def part(name: str, rest: tuple[slice, ...]) -> np.ndarray:
+            """Part `rest` of a tensor (of its shape in the model) from its file mapping; of
+            one read in chosen rows, only the chosen rows the part covers."""
+            if name not in rows:  # a per-tensor scale stored 0-d or [1]: the model holds [1]
+                return records[name].array().reshape(tail)[rest]
+            chosen = rows[name][rest[0]]
+            if len(chosen) and chosen[-1] - chosen[0] == len(chosen) - 1:  # consecutive
+                chosen = slice(int(chosen[0]), int(chosen[-1]) + 1)  # a view, not a copy
+            return records[name].array()[chosen][(slice(None), *rest[1:])]
 
         def read_slice(index: tuple[slice, ...]) -> np.ndarray:
             index = tuple(index) + (slice(None),) * (len(leaf.shape) - len(index))
             lead, rest = index[: names.ndim], index[names.ndim :]
             chosen = names[lead] if names.ndim else names
-            # A per-tensor scale may be stored 0-d or with one element: the model holds [1].
-            block = [stored(n).reshape(tail)[rest] for n in np.ravel(chosen)]
+            block = [part(n, rest) for n in np.ravel(chosen)]
             # Copied out of the file's mapping and cast in one pass, on the host (a cast on
             # the device would compile one program per tensor shape).
             stacked = np.stack(block, dtype=leaf.dtype, casting="unsafe")

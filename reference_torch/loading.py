@@ -4,9 +4,10 @@
 Only torch's own readers are used (`torch.load(weights_only=True, mmap=True)`, `safetensors`),
 never the JAX side's `checkpoint` readers, so a reader bug shows up as a parity failure instead
 of being shared by both models. `ReferenceLoader` reads the whole model, or only the embeddings,
-final norm and head (`shell`), or one block (`block`); each read maps the file, copies what it
-needs and drops the mapping, so streaming a 7B keeps one block resident (and that block's
-tensors in their stored dtype, for its next dtype).
+final norm and head (`shell`, optionally only some rows of the vocabulary table), or one block
+(`block`); each read maps the file, copies what it needs and drops the mapping, so streaming a
+7B keeps one block (or shell) resident, and its tensors in their stored dtype, for its next
+dtype.
 """
 
 import contextlib
@@ -268,11 +269,10 @@ class ReferenceLoader:
         return model.eval().requires_grad_(False)
 
     def _rows(self, name: str, rows: list[int]) -> torch.Tensor:
-        """Rows `rows` of tensor `name` in its stored dtype (an FP8 one dequantized whole,
-        then chosen); CheckpointError if they hold NaN or Inf."""
+        """Rows `rows` of tensor `name` in its stored dtype; CheckpointError if they hold NaN
+        or Inf."""
         if name in self._scales:
-            with self._stored((name,)) as stored:
-                return stored[name][torch.tensor(rows)]
+            raise ValueError(f"{name}: the rows of an FP8 table are not read alone")
         tensor = self._tensors.rows(name, rows)
         if name not in self._finite and not all_finite(tensor):
             raise CheckpointError(self._tensors.files[name], f"tensor {name} is not finite")

@@ -12,6 +12,7 @@ import model_jax
 from model_jax import sharding
 from model_jax.generate import _batch_placement
 from model_jax.sharding import make_mesh
+from verify import vocab
 from verify.run import run_verification
 
 folder, mesh_spec, reference = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -37,6 +38,12 @@ tokens = jnp.asarray(np.random.default_rng(0).integers(3, 500, 40), jnp.int32)
 expected, actual = np.asarray(single(tokens)), np.asarray(sharded(tokens))
 wq = sharded.layers.attention.wq.weight
 prompts = [tokens[:7].tolist(), tokens.tolist()]
+# Streamed, the head read 4096 rows at a time: each slice split over "model" by vocabulary rows,
+# each device reading its own rows of it (counted in `reads` with the rest).
+vocab.HEAD_BYTES = 8 * single.args.dim * 4096
+streamed_in_parts = run_verification(
+    reference, folder, prompts=["In slices"], max_new_tokens=4, mesh=mesh, stream_layers=True
+).verdict
 # Data parallel: a 2x4 mesh splits the batch over "data", the weights over "model".
 data_parallel = model_jax.load_model(folder, dtype=jnp.float32, mesh=make_mesh("2x4"))
 batch_sharding = _batch_placement(data_parallel, 2)(jnp.zeros((2, 3))).sharding
@@ -65,6 +72,7 @@ print(
                 max_new_tokens=8,
                 mesh=mesh,
             ).verdict,
+            "verify_streamed_head_in_parts": streamed_in_parts,
         }
     )
 )

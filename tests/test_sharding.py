@@ -44,3 +44,4 @@ def test_sharded_model_matches_single_device(make_checkpoint, tmp_path, name):
     assert found["generate_equal"] and found["data_parallel_generate_equal"]
     assert found["batch_split_over"] == ["data"]
     assert found["verify"] == "pass"  # mistral-verify --mesh 1x8
+    assert found["verify_streamed_head_in_parts"] == "pass"  # … --stream-layers, head in slices

@@ -121,9 +121,10 @@ def test_a_bug_in_the_ports_reader_does_not_cancel_out(clean, monkeypatch, strea
 
 @pytest.mark.slow
 def test_reading_the_vocabulary_in_parts_keeps_every_figure(clean, monkeypatch):
-    """Streamed, the embeddings are read for the prompts' tokens only; with the head read 4096
-    rows at a time (8 slices of the 32000), the same verdict and figures as with it whole;
-    the logits' fp32 figures move only in the float64 truth's summation order."""
+    """Streamed, the embeddings are read for the prompts' tokens only (in both runs here; the
+    same numbers as the whole table: tests/test_vocab_rows.py); with the head read 4096 rows
+    at a time (8 slices of the 32000), the same verdict and figures as with it whole; the
+    logits' fp32 figures move only in the float64 truth's summation order."""
     source, out = clean
     read, shell = [], ReferenceLoader.shell
 

@@ -3,22 +3,24 @@ the prompts' tokens only, the head a slice of rows at a time — each side's she
 those rows, and giving what the whole tables give."""
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 from support import relative_error, tiny_args
 
+from checkpoint.tensors import TensorRecord
 from checkpoint.tiny import random_state_dict, write_tiny_checkpoint
 from convert.convert import convert_checkpoint
 from model_jax.loading import PortLoader
-from reference_torch.loading import ReferenceLoader
+from reference_torch.loading import ReferenceLoader, _SafetensorsState
 from verify import vocab
-from verify.runners import JaxRunner, TorchRunner
+from verify.runners import JaxRunner, TorchRunner, _vocab_rows
 
 ARGS = tiny_args(vocab_size=32000)  # a real tokenizer's: the folders convert
 ROWS = 4096  # read 4096 rows at a time: 7 slices of 4096 rows and one of 3328
-PROMPTS = [[1, 31999, 17, 17, 300], [4096, 4095, 2, 31998]]  # repeats, tokens at slice edges
+PROMPTS = [[1, 31999, 17, 17, 300], [4096, 4095, 2, 31998]]  # a repeat; the last rows
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
@@ -43,20 +45,51 @@ def _in_parts(runner):
     return runner
 
 
-def test_a_shell_reads_only_the_rows_it_is_asked_for(folders):
-    rows = [2, 3, 4, 300, 31999]
+class _Recording(np.ndarray):
+    """A file mapping that records how it is read: indexed (the key) or reshaped whole."""
+
+    reads: ClassVar[list] = []
+
+    def __getitem__(self, key):
+        self.reads.append(key)
+        return self.view(np.ndarray)[key]
+
+    def reshape(self, *shape, **kwargs):
+        self.reads.append("whole")
+        return self.view(np.ndarray).reshape(*shape, **kwargs)
+
+
+def test_a_shell_reads_only_the_rows_it_is_asked_for(folders, monkeypatch):
+    rows, table = [2, 3, 4, 300, 31999], "tok_embeddings.weight"
+    asked, get = [], _SafetensorsState.__getitem__
+    monkeypatch.setattr(
+        _SafetensorsState, "__getitem__", lambda self, n: asked.append(n) or get(self, n)
+    )
     for fmt in ("pth", "safetensors"):
         loader = ReferenceLoader(folders / fmt)
         whole = loader.shell("embed", dtype="float32").tok_embeddings.weight
+        asked.clear()
         narrow = loader.shell("embed", dtype="float32", rows=rows).tok_embeddings.weight
-        assert torch.equal(narrow, whole[rows]), fmt
+        assert torch.equal(narrow, whole[rows]) and table not in asked, fmt
+
+    array = TensorRecord.array
+    monkeypatch.setattr(
+        TensorRecord,
+        "array",
+        lambda self: array(self).view(_Recording) if self.name == table else array(self),
+    )
     port = PortLoader(folders / "out")
     whole = np.asarray(port.shell("embed", dtype="float32").tok_embeddings.weight)
+    _Recording.reads.clear()
     narrow = np.asarray(port.shell("embed", dtype="float32", rows=rows).tok_embeddings.weight)
     np.testing.assert_array_equal(narrow, whole[rows])
-    head = port.shell("head", dtype="float32", rows=rows)
-    table = head.tok_embeddings if head.output is None else head.output
-    assert table.weight.shape == (len(rows), ARGS.dim)
+    assert [list(key) for key in _Recording.reads] == [rows]  # one read, of these rows
+    _Recording.reads.clear()
+    head = port.shell("head", dtype="float32", rows=list(range(4090, 4100)))
+    weight = (head.tok_embeddings if head.output is None else head.output).weight
+    assert weight.shape == (10, ARGS.dim)
+    if head.output is None:  # tied: the embeddings, read as one slice of the file's mapping
+        assert _Recording.reads == [slice(4090, 4100)]
 
 
 def _both(whole, parts, dtype: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -105,3 +138,11 @@ def test_a_large_head_is_read_in_slices_within_the_budget():
     rows = vocab.head_rows(large3)
     assert rows % vocab.ROW_MULTIPLE == 0 and 8 * large3.dim * rows <= vocab.HEAD_BYTES
     assert rows > vocab.HEAD_BYTES // (8 * large3.dim) - vocab.ROW_MULTIPLE
+
+
+def test_a_table_stored_in_fp8_is_read_whole():
+    """Its scales (per tensor, per row or per block) are read with it: neither loader reads
+    its rows alone, so a streamed runner keeps it whole."""
+    assert _vocab_rows(ARGS, (), streamed=True) == ARGS.vocab_size
+    assert _vocab_rows(ARGS, ("output.weight",), streamed=True) is None
+    assert _vocab_rows(ARGS, ("layers.0.attention.wq.weight",), streamed=False) is None

@@ -51,7 +51,8 @@ class Implementation(WholeForward, Protocol):
         rows, in that order."""
 
     def embed(self, shell: Any, tokens: list[int]) -> np.ndarray:
-        """(T, dim) embeddings (an "embed" shell)."""
+        """(T, dim) embeddings (an "embed" shell; one holding some rows takes each token as
+        the position of its row among them)."""
 
     def head(self, shell: Any, h: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """The final norm of h and the fp32 logits (a "head" shell)."""
