@@ -11,6 +11,7 @@ dtype.
 """
 
 import contextlib
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from checkpoint.pth import check_pickle_size
 from checkpoint.spec import FP8, layer_spec, shell_modules, tensor_spec, vocab_table
 from reference_torch.model import FeedForward, Transformer, TransformerBlock, make_block
 
+CHECK_ELEMENTS = 1 << 25  # a table read by rows is checked for NaN/Inf this many at a time
 # An IEEE float is NaN or Inf exactly when its exponent bits are all ones.
 _EXPONENT_BITS = {
     torch.bfloat16: (torch.int16, 0x7F80),
@@ -169,7 +171,8 @@ class ReferenceLoader:
         self.folder = Path(folder)
         self.args = ModelArgs.from_json(self.folder / "params.json")
         self._tensors = _Tensors(self.folder)
-        self.roles = raise_spec_problems(self._tensors.source, self._tensors.shapes(), self.args)
+        self._shapes = self._tensors.shapes()
+        self.roles = raise_spec_problems(self._tensors.source, self._shapes, self.args)
         # weight name → its scale: FP8 weights are dequantized as they are read
         self._scales = {w: s for s, w in self.roles.weight_scales.items()}
         self._finite: set[str] = set()  # tensors already found finite (each read is checked)
@@ -273,10 +276,21 @@ class ReferenceLoader:
         or Inf."""
         if name in self._scales:
             raise ValueError(f"{name}: the rows of an FP8 table are not read alone")
-        tensor = self._tensors.rows(name, rows)
-        if name not in self._finite and not all_finite(tensor):
-            raise CheckpointError(self._tensors.files[name], f"tensor {name} is not finite")
-        return tensor
+        self._check_rows_finite(name)
+        return self._tensors.rows(name, rows)
+
+    def _check_rows_finite(self, name: str) -> None:
+        """A tensor read by rows is still checked whole on its first read (a NaN in a row no
+        prompt reads is bad input all the same), `CHECK_ELEMENTS` at a time."""
+        if name in self._finite:
+            return
+        (count, *row_shape), _ = self._shapes[name]
+        step = max(1, CHECK_ELEMENTS // math.prod(row_shape))
+        for first in range(0, count, step):
+            part = self._tensors.rows(name, list(range(first, min(first + step, count))))
+            if not all_finite(part):
+                raise CheckpointError(self._tensors.files[name], f"tensor {name} is not finite")
+        self._finite.add(name)
 
     def block(
         self,

@@ -10,10 +10,12 @@ import pytest
 import torch
 from support import relative_error, tiny_args
 
+from checkpoint.errors import CheckpointError
 from checkpoint.tensors import TensorRecord
 from checkpoint.tiny import random_state_dict, write_tiny_checkpoint
 from convert.convert import convert_checkpoint
 from model_jax.loading import PortLoader
+from reference_torch import loading
 from reference_torch.loading import ReferenceLoader, _SafetensorsState
 from verify import vocab
 from verify.runners import JaxRunner, TorchRunner, _vocab_rows
@@ -146,3 +148,13 @@ def test_a_table_stored_in_fp8_is_read_whole():
     assert _vocab_rows(ARGS, (), streamed=True) == ARGS.vocab_size
     assert _vocab_rows(ARGS, ("output.weight",), streamed=True) is None
     assert _vocab_rows(ARGS, ("layers.0.attention.wq.weight",), streamed=False) is None
+
+
+def test_a_nan_in_a_row_no_prompt_reads_is_still_found(tmp_path, monkeypatch):
+    """The reference checks a table read by rows whole on its first read, a part at a time."""
+    monkeypatch.setattr(loading, "CHECK_ELEMENTS", 7 * ARGS.dim)  # parts of 7 rows
+    state = random_state_dict(ARGS, seed=3)
+    state["tok_embeddings.weight"][20000, 5] = float("nan")
+    folder = write_tiny_checkpoint(tmp_path, ARGS, state=state, weights_format="safetensors")
+    with pytest.raises(CheckpointError, match=r"tok_embeddings\.weight is not finite"):
+        ReferenceLoader(folder).shell("embed", dtype="float32", rows=[1, 2, 3])
