@@ -71,16 +71,15 @@ MINISTRAL_3_14B = ModelArgs(
     llama_4_scaling=Llama4ScalingArgs(16384, 0.1),
     quantization=QuantizationArgs("fp8_e4m3", "TENSOR"),
 )
-_LARGE_3 = preset("large-3-675b", n_layers=1)
-# One routed layer of Large 3 (the release's first 3 are dense), block FP8 as it ships.
-LARGE_3_LAYER = dataclasses.replace(
-    _LARGE_3,
-    moe=dataclasses.replace(_LARGE_3.moe, first_k_dense_replace=0),
+# Large 3's first layer (dense: MLA and a 16384-wide FFN), block FP8 as it ships.
+LARGE_3_DENSE_LAYER = dataclasses.replace(
+    preset("large-3-675b", n_layers=1),
     quantization_config=BlockFP8Args(**block_fp8_config((128, 128))),
 )
-# Its first layer (dense: MLA and a 16384-wide FFN) with the whole 131072-entry vocabulary.
-LARGE_3_DENSE_LAYER = dataclasses.replace(
-    _LARGE_3, quantization_config=BlockFP8Args(**block_fp8_config((128, 128)))
+# One routed layer of Large 3 (the release's first 3 are dense).
+LARGE_3_LAYER = dataclasses.replace(
+    LARGE_3_DENSE_LAYER,
+    moe=dataclasses.replace(LARGE_3_DENSE_LAYER.moe, first_k_dense_replace=0),
 )
 FP8_LAYERS = {
     "ministral-3-14b": MINISTRAL_3_14B,
