@@ -2,6 +2,8 @@
 
 import dataclasses
 import math
+import os
+from collections.abc import Iterable
 from pathlib import Path
 
 import ml_dtypes
@@ -43,3 +45,36 @@ class TensorRecord:
         if self.nbytes == 0:
             return np.zeros(self.shape, dtype)
         return np.memmap(self.path, dtype=dtype, mode="r", offset=self.offset, shape=self.shape)
+
+
+def prefetch(records: Iterable[TensorRecord]) -> None:
+    """Ask the kernel to read these tensors' bytes into the page cache in the background
+    (`POSIX_FADV_WILLNEED`: large reads queued now, nothing waited for), so reading them later
+    through a mapping finds them there instead of faulting each page in from the disk. A
+    hint: no effect on any value; nothing done where the OS has no `posix_fadvise`."""
+    if not hasattr(os, "posix_fadvise"):
+        return
+    by_file: dict[Path, list[TensorRecord]] = {}
+    for record in records:
+        by_file.setdefault(record.path, []).append(record)
+    for path, in_file in by_file.items():
+        with open(path, "rb") as file:
+            for record in in_file:
+                os.posix_fadvise(
+                    file.fileno(), record.offset, record.nbytes, os.POSIX_FADV_WILLNEED
+                )
+
+
+def layer_records(
+    tensors: dict[str, TensorRecord], layers: Iterable[int], routed_experts: bool = True
+) -> list[TensorRecord]:
+    """The records of these layers' tensors (without their fine-grained routed experts',
+    `layers.{i}.experts.…`, unless `routed_experts`)."""
+    layers = list(layers)
+    prefixes = tuple(f"layers.{i}." for i in layers)
+    experts = tuple(f"layers.{i}.experts." for i in layers)
+    return [
+        record
+        for name, record in tensors.items()
+        if name.startswith(prefixes) and (routed_experts or not name.startswith(experts))
+    ]

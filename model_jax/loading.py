@@ -9,6 +9,7 @@ the next leaf is read. With a mesh, every device's slice is read on its own
 """
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from checkpoint.dtypes import jax_dtype
 from checkpoint.errors import CheckpointError
 from checkpoint.folder import CheckpointFolder, open_folder
 from checkpoint.spec import shell_modules, tensor_spec, vocab_table
+from checkpoint.tensors import NUMPY_DTYPES, layer_records, prefetch
 from model_jax.model import FeedForward, Linear, Transformer, TransformerBlock
 from model_jax.sharding import sharded_array
 from model_jax.structure import LeafSpec, leaf_specs
@@ -126,6 +128,9 @@ class PortLoader:
         self.args = self.checkpoint.args
         self.fp8 = fp8_weights(self.checkpoint)
         self.layout = stack_layout(self.args)
+        # The last group read, kept where it holds its tensors as stored: asked for again in a
+        # wider dtype (bf16, then fp32), it is cast on the device, not read again.
+        self._kept: tuple[tuple, TransformerBlock] | None = None
 
     def skeleton(self, dtype, args: ModelArgs | None = None) -> Transformer:
         """This folder's model as shapes, FP8 where the folder stores FP8."""
@@ -182,13 +187,45 @@ class PortLoader:
         read a few at a time (`experts`)."""
         layers = self.args.layer_groups[g]
         stack, part = self._part(layers)
+        target = self._group_of(self.skeleton(dtype, part), stack, routed_experts)
+        key = (g, mesh, routed_experts)
+        if self._kept is not None and self._kept[0] == key:
+            widened = _widened(self._kept[1], target)
+            if widened is not None:
+                return widened
+        self._kept = None  # the previous group freed before this one is read
+        self._prefetch(g, routed_experts)
         layout = {stack: (layers[0], len(layers))}
         wanted = self._wanted(stack, None if routed_experts else False)
         model, _ = self._fill(self.skeleton(dtype, part), mesh, wanted, layout)
+        blocks = self._group_of(model, stack, routed_experts)
+        if self._read_exactly(self.skeleton(dtype, part), wanted, layout):
+            self._kept = (key, blocks)
+        return blocks
+
+    def _prefetch(self, g: int, routed_experts: bool) -> None:
+        """Group g's bytes and the next group's asked of the disk now (`prefetch`): read in
+        the background while g runs, found in the page cache when the next is read."""
+        groups = self.args.layer_groups[g : g + 2]
+        layers = [i for group in groups for i in group]
+        prefetch(layer_records(self.checkpoint.tensors, layers, routed_experts))
+
+    @staticmethod
+    def _group_of(model, stack: str, routed_experts: bool):
         blocks = getattr(model, stack)
         if not routed_experts and blocks.experts is not None:  # left as shapes: dropped
             blocks = eqx.tree_at(lambda b: b.experts, blocks, None, is_leaf=lambda x: x is None)
         return blocks
+
+    def _read_exactly(self, shapes, wanted: Callable[[LeafSpec], bool], layout: dict) -> bool:
+        """Every wanted leaf of `shapes` holds its tensors as stored (no cast on reading)."""
+        records = self.checkpoint.tensors
+        return all(
+            NUMPY_DTYPES[records[name].dtype] == leaf.dtype
+            for spec, leaf in zip(leaf_specs(shapes), jax.tree.leaves(shapes), strict=True)
+            if wanted(spec)
+            for name in leaf_names(spec, self.args, layout).flat
+        )
 
     def experts(
         self, layer: int, first: int, count: int, *, dtype="bfloat16", mesh: Mesh | None = None
@@ -272,13 +309,58 @@ class PortLoader:
             chosen = names[lead] if names.ndim else names
             block = [part(n, rest) for n in np.ravel(chosen)]
             # Copied out of the file's mapping and cast in one pass, on the host (a cast on
-            # the device would compile one program per tensor shape).
-            stacked = np.stack(block, dtype=leaf.dtype, casting="unsafe")
+            # the device would compile one program per tensor shape), into memory XLA's CPU
+            # backend takes as the device buffer as it is (`host_array`).
+            stacked = host_array((len(block), *block[0].shape), leaf.dtype)
+            np.stack(block, out=stacked, casting="unsafe")
             return stacked.reshape(*np.shape(chosen), *block[0].shape)
 
         if mesh is not None:
             return sharded_array(spec, leaf.shape, leaf.dtype, mesh, read_slice)
         return jax.device_put(read_slice(()))
+
+
+def host_array(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialised host array starting on a 64-byte boundary: placed on a CPU device,
+    XLA then uses its memory as the buffer instead of copying it into fresh pages (numpy's
+    own arrays are 16-byte aligned: copied)."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.empty(size + _HOST_ALIGN, np.uint8)
+    start = -raw.ctypes.data % _HOST_ALIGN
+    return raw[start : start + size].view(dtype).reshape(shape)
+
+
+_HOST_ALIGN = 64
+
+
+def _widened(kept, target):
+    """`kept`'s arrays in `target`'s dtypes (shapes alike), each cast on the device; None
+    unless every cast widens (exact)."""
+    arrays, treedef = jax.tree_util.tree_flatten(kept)
+    dtypes = [leaf.dtype for leaf in jax.tree.leaves(target)]
+    if len(dtypes) != len(arrays) or not all(
+        _widens(a.dtype, d) for a, d in zip(arrays, dtypes, strict=True)
+    ):
+        return None
+    changed = [k for k, (a, d) in enumerate(zip(arrays, dtypes, strict=True)) if a.dtype != d]
+    cast = _cast([arrays[k] for k in changed], tuple(dtypes[k] for k in changed))
+    for k, array in zip(changed, cast, strict=True):
+        arrays[k] = array
+    return jax.tree_util.tree_unflatten(treedef, arrays)
+
+
+def _widens(source: np.dtype, target: np.dtype) -> bool:
+    """Every value of `source` is exactly one of `target` (the same dtype, or bf16 → fp32)."""
+    try:
+        return np.promote_types(source, target) == target
+    except TypeError:  # no common type (FP8 against a float)
+        return False
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _cast(arrays: list[jax.Array], dtypes: tuple) -> list[jax.Array]:
+    return [a.astype(d) for a, d in zip(arrays, dtypes, strict=True)]
 
 
 def load_model(folder: str | Path, *, dtype="bfloat16", mesh: Mesh | None = None) -> Transformer:

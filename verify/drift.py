@@ -27,7 +27,7 @@ import numpy as np
 
 from checkpoint.errors import CheckpointError
 from checkpoint.pieces import BLOCK_OUTPUT
-from verify.implementation import WHOLE_BLOCK, Implementation, PieceOutputs, Values
+from verify.implementation import WHOLE_BLOCK, Implementation, PieceOutputs, Values, judge
 from verify.metrics import ErrorSums, MismatchSums, StateMetrics, error_scale, state_metrics
 from verify.routing import fragile_tokens
 from verify.vocab import embed_prompts, head_states
@@ -205,13 +205,20 @@ class _GroupRun:
             if not traced:
                 continue
             group = self.port.group(self.g, dtype)
-            outputs = [
-                [self.port.pieces(group, k, traced[k][j], self.starts[j]) for j in prompts]
-                for k in self._ks
+            judged = [
+                judge(
+                    self.port,
+                    group,
+                    [traced[k][j] for k in self._ks],
+                    states[stream][j] if stream in after else None,
+                    self.starts[j],
+                )
+                for j in prompts
             ]
-            if stream in after:
-                after[stream] = self._run_group(self.port, group, states[stream])
             del group
+            outputs = [[judged[j][0][k] for j in prompts] for k in self._ks]
+            if stream in after:
+                after[stream] = [run for _, run in judged]
             for k in self._ks:
                 for j in prompts:
                     if stream == "P16":

@@ -10,7 +10,8 @@ own input. The torch reference (`verify.runners.TorchRunner`) and the JAX port
 (`verify.runners.JaxRunner`) implement it; another port (a Flax model, MaxText) would too.
 
 Arrays cross the seam as numpy, without a batch axis, the sequence first: floats as float32
-(exact for bf16 values), integers as they are.
+(exact for bf16 values), integers as they are. An implementation may also offer `judge`
+(`judge` below): a prompt's pieces and free run computed together.
 """
 
 from typing import Any, Protocol
@@ -71,3 +72,22 @@ class Implementation(WholeForward, Protocol):
     def pieces(self, group: Any, k: int, values: Values, start: int = 0) -> PieceOutputs:
         """Each judged piece of block k run on its inputs taken from `values` (teacher
         forcing), and the whole block on values["x"] (`WHOLE_BLOCK`)."""
+
+
+def judge(
+    impl: Implementation, group: Any, values: list[Values], h: np.ndarray | None, start: int = 0
+) -> tuple[list[PieceOutputs], list[np.ndarray] | None]:
+    """One prompt's teacher-forced pieces of every block k of the group (`pieces` on
+    `values[k]`) and, unless `h` is None, the group's free run on h (`run_group`). An
+    implementation that computes them together (the port: in one compiled call) offers its own
+    `judge(group, values, h, start)`; the others are called piece by piece."""
+    own = getattr(impl, "judge", None)
+    return own(group, values, h, start) if own else judge_apart(impl, group, values, h, start)
+
+
+def judge_apart(
+    impl: Implementation, group: Any, values: list[Values], h: np.ndarray | None, start: int = 0
+) -> tuple[list[PieceOutputs], list[np.ndarray] | None]:
+    """`judge` as its parts: `pieces` of each block, then `run_group`."""
+    pieces = [impl.pieces(group, k, v, start) for k, v in enumerate(values)]
+    return pieces, None if h is None else impl.run_group(group, h, start)

@@ -30,7 +30,7 @@ from model_jax.generate import bucket
 from model_jax.loading import PortLoader, skeleton
 from reference_torch.loading import ReferenceLoader
 from verify.expert_stream import ExpertStream
-from verify.implementation import WHOLE_BLOCK, PieceOutputs, Values
+from verify.implementation import WHOLE_BLOCK, PieceOutputs, Values, judge_apart
 from verify.vocab import head_rows
 
 
@@ -260,6 +260,24 @@ class JaxRunner:
             )
         return {name: {o: self._fetch(v, n) for o, v in outputs.items()} for name, outputs in out}
 
+    def judge(
+        self, group, values: list[Values], h: np.ndarray | None, start: int = 0
+    ) -> tuple[list[PieceOutputs], list[np.ndarray] | None]:
+        """`verify.implementation.judge` in one compiled call: XLA's CPU bf16 dot converts
+        the weights to fp32 in every call, so once here instead of twice."""
+        if group.layers:  # routed experts streamed: one call per part of them anyway
+            return judge_apart(self, group, values, h, start)
+        compiled = _compiled(self.args, group.dtype)
+        n = len(values[0][BLOCK_INPUT])
+        placed = [{name: self._place(v, group.dtype) for name, v in per.items()} for per in values]
+        free = None if h is None else self._place(h, group.dtype)
+        outs, run = compiled.judge(group.blocks, placed, free, jnp.int32(start))
+        pieces = [
+            {name: {o: self._fetch(v, n) for o, v in outputs.items()} for name, outputs in out}
+            for out in outs
+        ]
+        return pieces, None if run is None else [self._fetch(x, len(h)) for x in run]
+
     def _streamed_pieces(self, group, k: int, placed: dict, context: dict, n: int) -> list:
         """As `_Compiled.pieces`, the routed experts read on demand."""
         block, layer = self._block(group, k), group.layers[k]
@@ -292,6 +310,7 @@ class _Compiled:
         self.run_group = eqx.filter_jit(self._run_group)
         self.trace = eqx.filter_jit(self._trace)
         self.pieces = eqx.filter_jit(self._pieces)
+        self.judge = eqx.filter_jit(self._judge)
 
     def context(self, n: int, start) -> dict:
         positions = start + jnp.arange(n)
@@ -308,6 +327,10 @@ class _Compiled:
         block = self._block(group, k)
         values = run_pieces(block.pieces(), {BLOCK_INPUT: x} | self.context(x.shape[0], start))
         return recorded(values)
+
+    def _judge(self, group, values, h, start):
+        outs = [self._pieces(group, k, v, start) for k, v in enumerate(values)]
+        return outs, None if h is None else self._run_group(group, h, start)
 
     def _pieces(self, group, k, values, start):
         block = self._block(group, k)
