@@ -187,7 +187,8 @@ class PortLoader:
         read a few at a time (`experts`)."""
         layers = self.args.layer_groups[g]
         stack, part = self._part(layers)
-        target = self._group_of(self.skeleton(dtype, part), stack, routed_experts)
+        shapes = self.skeleton(dtype, part)
+        target = self._group_of(shapes, stack, routed_experts)
         key = (g, mesh, routed_experts)
         if self._kept is not None and self._kept[0] == key:
             widened = _widened(self._kept[1], target)
@@ -197,9 +198,9 @@ class PortLoader:
         self._prefetch(g, routed_experts)
         layout = {stack: (layers[0], len(layers))}
         wanted = self._wanted(stack, None if routed_experts else False)
-        model, _ = self._fill(self.skeleton(dtype, part), mesh, wanted, layout)
+        model, _ = self._fill(shapes, mesh, wanted, layout)
         blocks = self._group_of(model, stack, routed_experts)
-        if self._read_exactly(self.skeleton(dtype, part), wanted, layout):
+        if self._read_exactly(shapes, wanted, layout):
             self._kept = (key, blocks)
         return blocks
 

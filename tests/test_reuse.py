@@ -13,7 +13,7 @@ from support import tiny_args
 
 from checkpoint.folder import open_folder
 from model_jax.loading import PortLoader
-from reference_torch import loading
+from reference_torch.cast_buffer import CastBuffer
 from reference_torch.loading import ReferenceLoader
 from verify.implementation import judge_apart
 from verify.runners import JaxRunner, TorchRunner
@@ -89,7 +89,7 @@ def test_reference_casts_reuse_one_buffer_never_under_a_live_block(folder):
 
 @pytest.mark.parametrize("stored", [torch.bfloat16], ids=["bf16"], indirect=True)
 def test_reference_cast_buffer_larger_than_held_bytes_is_freed_with_its_block(folder, monkeypatch):
-    monkeypatch.setattr(loading._CastBuffer, "HELD_BYTES", 1024)
+    monkeypatch.setattr(CastBuffer, "HELD_BYTES", 1024)
     loader = ReferenceLoader(folder)
     block = loader.block(0, dtype="float64")
     assert loader._casts._bytes is None  # held by the block's tensors alone
